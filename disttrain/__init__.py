@@ -1,0 +1,17 @@
+"""disttrain: write a tf.GradientTape step once, run it on one device, Mirrored, MultiWorker or Horovod.
+
+    import disttrain as dt
+    backend = dt.get_backend("auto")          # first thing in the program
+    with backend.scope():
+        model = ...; optimizer = ...
+    trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=step, backend=backend)
+    trainer.fit(dataset, global_batch_size=64, epochs=5)
+"""
+
+from disttrain.backends import Backend, InputContext, detect, get_backend
+from disttrain.trainer import Callback, StepContext, Trainer, current_learning_rate
+
+__version__ = "0.1.0"
+
+__all__ = ["Backend", "Callback", "InputContext", "StepContext", "Trainer", "current_learning_rate",
+           "detect", "get_backend", "__version__"]

@@ -1,0 +1,215 @@
+"""The backend protocol: the one place that knows how processes and replicas talk.
+
+Everything outside ``disttrain/backends`` speaks to a :class:`Backend` only, so a training step written
+once runs unchanged on one device, on ``tf.distribute`` strategies and under Horovod.
+
+Vocabulary:
+  * process (= worker, = Horovod rank): one Python process. ``rank`` in ``[0, size)``.
+  * replica: one copy of the model computing on one slice of the global batch. A process drives
+    ``local_replicas`` replicas; ``num_replicas = size * local_replicas`` in total.
+  * input pipeline: one ``tf.data`` pipeline per process, feeding that process's replicas.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import tensorflow as tf
+
+REDUCE_OPS = ("sum", "mean", "max", "min")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputContext:
+    """What one input pipeline needs to know to produce its share of each global batch.
+
+    Attributes:
+      num_input_pipelines: Number of pipelines (one per process).
+      input_pipeline_id: This pipeline's index in ``[0, num_input_pipelines)``.
+      num_replicas_in_sync: Replicas over all processes.
+      replicas_per_pipeline: Replicas this pipeline feeds (one per device of the process).
+      global_batch_size: Examples per step over all replicas.
+    """
+
+    num_input_pipelines: int
+    input_pipeline_id: int
+    num_replicas_in_sync: int
+    replicas_per_pipeline: int
+    global_batch_size: int
+
+    @property
+    def per_replica_batch_size(self) -> int:
+        return self.global_batch_size // self.num_replicas_in_sync
+
+
+def check_reduce_op(op: str) -> str:
+    if op not in REDUCE_OPS:
+        raise ValueError(f"reduce op {op!r} is not supported; use one of {', '.join(REDUCE_OPS)}")
+    return op
+
+
+class Backend(abc.ABC):
+    """How one run's processes and replicas compute and communicate.
+
+    Subclasses implement the abstract methods; the trainer, data, metrics and LR code use only this
+    interface.
+    """
+
+    #: Short name used by ``get_backend`` and in logs: single, mirrored, multiworker, horovod.
+    name: str = "abstract"
+
+    # -- topology ------------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def rank(self) -> int:
+        """This process's index in ``[0, size)``."""
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """Number of processes in the run."""
+
+    @property
+    @abc.abstractmethod
+    def local_rank(self) -> int:
+        """This process's index among the processes on its host."""
+
+    @property
+    @abc.abstractmethod
+    def local_replicas(self) -> int:
+        """Replicas driven by this process."""
+
+    @property
+    def num_replicas(self) -> int:
+        """Replicas over all processes; the global batch is split evenly over them."""
+        return self.size * self.local_replicas
+
+    @property
+    def is_chief(self) -> bool:
+        """True on exactly one process: the one that logs, writes summaries and checkpoints."""
+        return self.rank == 0
+
+    # -- variables -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def scope(self) -> contextlib.AbstractContextManager:
+        """Context in which the model and optimizer must be created."""
+
+    def check_created_in_scope(self, *, model: Any, optimizer: Any) -> None:
+        """Raises ValueError if the model or optimizer was created outside :meth:`scope`."""
+
+    def sync_initial_state(self, variables: list[tf.Variable]) -> None:
+        """Makes ``variables`` equal on every process (rank 0's values win). Call once, before training."""
+
+    # -- the step ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def run(self, fn: Callable, args: tuple = ()) -> Any:
+        """Runs ``fn(*args)`` on every local replica (inside ``tf.function``); returns per-replica results."""
+
+    @abc.abstractmethod
+    def local_values(self, per_replica: Any) -> tuple:
+        """The values of a per-replica result (or sync-on-read variable) on this process's replicas."""
+
+    def local_sum(self, per_replica: Any) -> tf.Tensor:
+        """Sums a per-replica result over this process's replicas (no communication)."""
+        values = [tf.convert_to_tensor(v) for v in self.local_values(per_replica)]
+        return tf.add_n(values) if len(values) > 1 else tf.identity(values[0])
+
+    @abc.abstractmethod
+    def reduce_gradients(self, grads: list) -> list:
+        """In a replica context: the gradients summed over all replicas, for custom gradient handling."""
+
+    @abc.abstractmethod
+    def apply_gradients(self, optimizer: Any, grads: list, variables: list) -> None:
+        """In a replica context: sums ``grads`` over all replicas once and applies them."""
+
+    # -- collectives (eager, called by every process) -------------------------------------------
+    @abc.abstractmethod
+    def _all_reduce_tensor(self, value: tf.Tensor, op: str) -> tf.Tensor:
+        """Reduces one value per process over all processes. ``op`` is sum, max or min."""
+
+    def all_reduce(self, value: Any, op: str = "mean") -> Any:
+        """Reduces a tensor, array or Python number held by each process over all processes.
+
+        Every process must call this with a value of the same shape and dtype. The result is identical
+        on every process and has the type of ``value`` (Python numbers stay Python numbers).
+
+        Args:
+          value: A tensor, numpy array or Python int/float.
+          op: One of ``sum``, ``mean``, ``max``, ``min``.
+
+        Raises:
+          ValueError: If ``op`` is unknown.
+        """
+        check_reduce_op(op)
+        is_python = isinstance(value, (int, float)) and not isinstance(value, bool)
+        is_numpy = not is_python and not tf.is_tensor(value)
+        tensor = tf.convert_to_tensor(value, dtype=tf.float64 if isinstance(value, float) else None)
+        if self.size == 1:
+            result = tensor
+        elif op == "mean":
+            result = self._all_reduce_tensor(tensor, "sum")
+            result = result / tf.cast(self.size, result.dtype) if result.dtype.is_floating else result // self.size
+        else:
+            result = self._all_reduce_tensor(tensor, op)
+        if is_python:
+            return type(value)(result.numpy())
+        if is_numpy:
+            return result.numpy()
+        return result
+
+    def broadcast(self, value: Any, *, root: int = 0) -> Any:
+        """Returns process ``root``'s ``value`` on every process (numeric values of equal shape)."""
+        is_python = isinstance(value, (int, float)) and not isinstance(value, bool)
+        tensor = tf.convert_to_tensor(value, dtype=tf.float64 if isinstance(value, float) else None)
+        if self.size > 1:
+            tensor = self._broadcast_tensor(tensor, root)
+        if is_python:
+            return type(value)(tensor.numpy())
+        return tensor if tf.is_tensor(value) else tensor.numpy()
+
+    def _broadcast_tensor(self, value: tf.Tensor, root: int) -> tf.Tensor:
+        contribution = value if self.rank == root else tf.zeros_like(value)
+        if contribution.dtype.is_bool:
+            return tf.cast(self._all_reduce_tensor(tf.cast(contribution, tf.int32), "sum"), tf.bool)
+        return self._all_reduce_tensor(contribution, "sum")
+
+    def barrier(self) -> None:
+        """Blocks until every process has reached this call."""
+        if self.size > 1:
+            self._all_reduce_tensor(tf.constant(1, tf.int32), "sum").numpy()
+
+    # -- input ---------------------------------------------------------------------------------
+    def input_context(self, global_batch_size: int) -> InputContext:
+        """This process's :class:`InputContext` for ``global_batch_size``.
+
+        Raises:
+          ValueError: If the global batch does not split evenly over the replicas.
+        """
+        if global_batch_size <= 0 or global_batch_size % self.num_replicas:
+            up = max(self.num_replicas, -(-global_batch_size // self.num_replicas) * self.num_replicas)
+            raise ValueError(
+                f"global batch {global_batch_size} is not divisible by {self.num_replicas} replicas; "
+                f"use a multiple of {self.num_replicas} (e.g. {up})")
+        return InputContext(
+            num_input_pipelines=self.size, input_pipeline_id=self.rank,
+            num_replicas_in_sync=self.num_replicas, replicas_per_pipeline=self.local_replicas,
+            global_batch_size=global_batch_size)
+
+    @abc.abstractmethod
+    def distribute_dataset(self, dataset_fn: Callable[[InputContext], tf.data.Dataset], *,
+                           global_batch_size: int) -> Iterator | Any:
+        """Builds this process's pipeline with ``dataset_fn`` and returns an iterable of step inputs.
+
+        ``dataset_fn`` returns a dataset of per-replica batches for the given input context; the
+        result yields what :meth:`run` takes as its argument.
+        """
+
+    def describe(self) -> str:
+        return (f"{self.name}: rank {self.rank}/{self.size}, local rank {self.local_rank}, "
+                f"{self.local_replicas} replica(s) here, {self.num_replicas} in sync")
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.describe()}>"

@@ -1,0 +1,25 @@
+"""One process, one device: the reference every other backend must match."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+from disttrain.backends.strategy import StrategyBackend
+
+
+class SingleBackend(StrategyBackend):
+    """Runs on one device through ``tf.distribute.OneDeviceStrategy``.
+
+    Using a real strategy (instead of none) makes the same mistakes fail on a laptop that would fail on
+    a cluster, e.g. an optimizer created outside ``backend.scope()``.
+
+    Args:
+      device: Device to run on; default the first GPU if any, else the CPU.
+    """
+
+    name = "single"
+
+    def __init__(self, *, device: str | None = None):
+        if device is None:
+            device = "/gpu:0" if tf.config.list_logical_devices("GPU") else "/cpu:0"
+        super().__init__(strategy=tf.distribute.OneDeviceStrategy(device))
