@@ -1,0 +1,76 @@
+"""Run a worker script under each backend's real launcher, with a hard timeout, for the tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKERS = ROOT / "tests" / "workers"
+EXAMPLES = ROOT / "examples"
+BIN = Path(sys.executable).parent
+
+#: (name, launcher) pairs every cross-backend test runs over; the mpirun row needs OpenMPI.
+BACKENDS = ["single", "mirrored", "multiworker", "horovod-gloo", "horovod-mpi"]
+
+
+def base_env() -> dict:
+    env = dict(os.environ)
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", DISTTRAIN_THREADS="1", OMP_NUM_THREADS="1",
+               TF_ENABLE_ONEDNN_OPTS="0", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([str(ROOT), str(EXAMPLES), env.get("PYTHONPATH", "")]))
+    for key in [k for k in env if k.startswith(("OMPI_", "PMIX_", "HOROVOD_")) or k == "TF_CONFIG"]:
+        del env[key]
+    return env
+
+
+def command_for(backend: str, script: Path | str, args: list[str], *, np: int = 2) -> tuple[list[str], dict]:
+    """The command line that runs ``script`` under ``backend`` with ``np`` processes/replicas."""
+    py = [sys.executable, str(script)]
+    env = base_env()
+    if backend == "single":
+        return py + ["--backend", "single"] + args, env
+    if backend == "mirrored":
+        return py + ["--backend", "mirrored", "--cpu-replicas", str(np)] + args, env
+    if backend == "multiworker":
+        return [str(BIN / "disttrain"), "launch", "--tf-config", "-n", str(np), "--"] + py + \
+            ["--backend", "multiworker"] + args, env
+    if backend == "horovod-gloo":
+        return [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", "--gloo"] + py + \
+            ["--backend", "horovod"] + args, env
+    if backend == "horovod-mpi":
+        mpirun = shutil.which("mpirun") or "mpirun"
+        exports = []
+        for key in ("TF_CPP_MIN_LOG_LEVEL", "DISTTRAIN_THREADS", "OMP_NUM_THREADS", "TF_ENABLE_ONEDNN_OPTS",
+                    "PYTHONUNBUFFERED", "PYTHONPATH", "PATH"):
+            exports += ["-x", key]
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
+                   OMPI_MCA_btl_vader_single_copy_mechanism="none")
+        return [mpirun, "-np", str(np), "--oversubscribe", "--bind-to", "none"] + exports + py + \
+            ["--backend", "horovod"] + args, env
+    raise ValueError(backend)
+
+
+def run(backend: str, script: Path | str, args: list[str] = (), *, np: int = 2, timeout: float = 180,
+        extra_env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs and returns the finished process; raises AssertionError on a non-zero exit or a timeout."""
+    cmd, env = command_for(backend, script, list(args), np=np)
+    env.update(extra_env or {})
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every worker it started
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{backend}: {' '.join(cmd)} timed out after {timeout}s (a hang)\n"
+                             f"--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-3000:]}") from None
+    proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+    if proc.returncode != 0:
+        raise AssertionError(f"{backend}: exit {proc.returncode}: {' '.join(cmd)}\n--- stdout\n"
+                             f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc

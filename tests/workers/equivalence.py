@@ -1,0 +1,58 @@
+"""Trains the same model with SGD and with Adam for 20 steps and saves each rank's final weights."""
+
+import argparse
+import json
+import os
+
+import disttrain as dt
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--backend", default="auto")
+parser.add_argument("--cpu-replicas", type=int, default=None)
+parser.add_argument("--out", required=True)
+args = parser.parse_args()
+
+backend = dt.get_backend(args.backend, cpu_replicas=args.cpu_replicas)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+GLOBAL_BATCH, EXAMPLES, EPOCHS = 64, 256, 5  # 4 steps an epoch, 20 steps in all
+rng = np.random.default_rng(0)
+x = rng.normal(size=(EXAMPLES, 8)).astype("float32")
+y = (x @ rng.normal(size=(8, 1)) + 0.1 * rng.normal(size=(EXAMPLES, 1))).astype("float32")
+dataset = tf.data.Dataset.from_tensor_slices((x, y))
+
+info = {"backend": backend.name, "rank": backend.rank, "size": backend.size, "replicas": backend.num_replicas}
+if backend.name == "horovod":
+    import horovod.tensorflow as hvd
+
+    info["mpi"] = bool(hvd.mpi_enabled())
+    info["gloo"] = bool(hvd.gloo_enabled())
+
+for name, make_optimizer in [("sgd", lambda: keras.optimizers.SGD(0.05)),
+                             ("adam", lambda: keras.optimizers.Adam(0.01))]:
+    with backend.scope():
+        keras.utils.set_random_seed(42)
+        model = keras.Sequential([keras.Input(shape=(8,)), keras.layers.Dense(16, activation="tanh"),
+                                  keras.layers.Dense(1)])
+        optimizer = make_optimizer()
+
+    def train_step(ctx, batch, model=model, optimizer=optimizer):
+        features, target = batch
+        with tf.GradientTape() as tape:
+            loss = ctx.average_loss(tf.reduce_mean(tf.square(target - model(features, training=True)), axis=-1))
+        grads = tape.gradient(loss, model.trainable_variables)
+        ctx.apply_gradients(optimizer, grads, model.trainable_variables)
+        return loss
+
+    trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=train_step, backend=backend, verbose=0)
+    history = trainer.fit(dataset, global_batch_size=GLOBAL_BATCH, epochs=EPOCHS, shuffle_seed=7)
+    info[f"{name}_steps"] = int(optimizer.iterations.numpy())
+    info[f"{name}_loss"] = history["loss"]
+    np.savez(os.path.join(args.out, f"{name}_rank{backend.rank}.npz"),
+             *[v.numpy() for v in model.trainable_variables])
+
+with open(os.path.join(args.out, f"info_rank{backend.rank}.json"), "w") as f:
+    json.dump(info, f)
