@@ -58,7 +58,7 @@ def info(out=sys.stdout) -> int:
         ("single", True, "always"),
         ("mirrored", True, f"{len(gpus)} GPU(s)" if len(gpus) > 1 else
          "on logical CPU devices (cpu_replicas=N); fewer than 2 GPUs visible"),
-        ("multiworker", True, "needs TF_CONFIG (set by `disttrain launch --tf-config`, SLURM or you)"),
+        ("multiworker", True, "needs TF_CONFIG (set by `disttrain launch --tf-config`, launch/ scripts or you)"),
         ("horovod", hvd_ok, hvd_note),
     ]
     w("backends")

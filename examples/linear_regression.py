@@ -37,7 +37,7 @@ def make_data(examples: int, seed: int = 0):
     return tf.data.Dataset.from_tensor_slices((x, y))
 
 
-def run(args: argparse.Namespace, *, metrics_fn=None, callbacks=()) -> dict:
+def run(args: argparse.Namespace, *, metrics_fn=None, callbacks_fn=None) -> dict:
     """Builds the model inside the backend's scope and trains it; returns the history."""
     backend = dt.get_backend(args.backend, cpu_replicas=args.cpu_replicas)
     import keras
@@ -61,7 +61,7 @@ def run(args: argparse.Namespace, *, metrics_fn=None, callbacks=()) -> dict:
         return loss
 
     trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=train_step, backend=backend,
-                         metrics=metrics, callbacks=callbacks)
+                         metrics=metrics, callbacks=callbacks_fn() if callbacks_fn else ())
     history = trainer.fit(make_data(args.examples), global_batch_size=args.global_batch, epochs=args.epochs,
                           shuffle_seed=1)
     kernel, bias = (float(v.numpy().ravel()[0]) for v in model.trainable_variables)

@@ -15,4 +15,4 @@ from linear_regression import parse_args, run
 if __name__ == "__main__":
     from disttrain.lr import LossThresholdCut
 
-    run(parse_args(), callbacks=[LossThresholdCut(threshold=0.01, factor=0.1)])
+    run(parse_args(), callbacks_fn=lambda: [LossThresholdCut(threshold=0.01, factor=0.1)])

@@ -28,20 +28,33 @@ def base_env() -> dict:
     return env
 
 
-def command_for(backend: str, script: Path | str, args: list[str], *, np: int = 2) -> tuple[list[str], dict]:
-    """The command line that runs ``script`` under ``backend`` with ``np`` processes/replicas."""
+def command_for(backend: str, script: Path | str, args: list[str], *, np: int = 2, auto: bool = False,
+                cpu_replicas: int | None = None) -> tuple[list[str], dict]:
+    """The command line that runs ``script`` under ``backend`` with ``np`` processes/replicas.
+
+    With ``auto`` the script is told ``--backend auto`` and must detect the backend from the launcher.
+    ``cpu_replicas`` gives each multiworker process that many logical CPU devices.
+    """
     py = [sys.executable, str(script)]
     env = base_env()
+
+    def name(explicit: str) -> list[str]:
+        return ["--backend", "auto" if auto else explicit]
+
     if backend == "single":
-        return py + ["--backend", "single"] + args, env
+        return py + name("single") + args, env
     if backend == "mirrored":
-        return py + ["--backend", "mirrored", "--cpu-replicas", str(np)] + args, env
+        if auto:
+            env["DISTTRAIN_CPU_REPLICAS"] = str(np)
+            return py + name("mirrored") + args, env
+        return py + name("mirrored") + ["--cpu-replicas", str(np)] + args, env
     if backend == "multiworker":
+        extra = ["--cpu-replicas", str(cpu_replicas)] if cpu_replicas else []
         return [str(BIN / "disttrain"), "launch", "--tf-config", "-n", str(np), "--"] + py + \
-            ["--backend", "multiworker"] + args, env
+            name("multiworker") + extra + args, env
     if backend == "horovod-gloo":
         return [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", "--gloo"] + py + \
-            ["--backend", "horovod"] + args, env
+            name("horovod") + args, env
     if backend == "horovod-mpi":
         mpirun = shutil.which("mpirun") or "mpirun"
         exports = []
@@ -51,14 +64,15 @@ def command_for(backend: str, script: Path | str, args: list[str], *, np: int = 
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                    OMPI_MCA_btl_vader_single_copy_mechanism="none")
         return [mpirun, "-np", str(np), "--oversubscribe", "--bind-to", "none"] + exports + py + \
-            ["--backend", "horovod"] + args, env
+            name("horovod") + args, env
     raise ValueError(backend)
 
 
 def run(backend: str, script: Path | str, args: list[str] = (), *, np: int = 2, timeout: float = 180,
-        extra_env: dict | None = None) -> subprocess.CompletedProcess:
+        extra_env: dict | None = None, auto: bool = False, cpu_replicas: int | None = None
+        ) -> subprocess.CompletedProcess:
     """Runs and returns the finished process; raises AssertionError on a non-zero exit or a timeout."""
-    cmd, env = command_for(backend, script, list(args), np=np)
+    cmd, env = command_for(backend, script, list(args), np=np, auto=auto, cpu_replicas=cpu_replicas)
     env.update(extra_env or {})
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from launchers import BACKENDS, WORKERS, run
+from launchers import WORKERS, run
 
 SCRIPT = WORKERS / "equivalence.py"
 
@@ -22,23 +22,36 @@ def reference(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "single"])
-def test_backend_matches_single_device(backend, reference, tmp_path):
-    run(backend, SCRIPT, ["--out", str(tmp_path)], timeout=240)
-    infos = [json.loads((tmp_path / f"info_rank{r}.json").read_text())
-             for r in range(2 if backend != "mirrored" else 1)]
-    assert all(i["replicas"] == 2 for i in infos), infos
-    if backend == "horovod-mpi":
+# (launcher, expected backend, logical CPUs per process, replicas in sync)
+CASES = {
+    "mirrored": ("mirrored", None, 2),
+    "multiworker": ("multiworker", None, 2),
+    "horovod-gloo": ("horovod", None, 2),
+    "horovod-mpi": ("horovod", None, 2),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_backend_matches_single_device(case, reference, tmp_path):
+    """The launcher's environment alone picks the backend (--backend auto)."""
+    launcher = case
+    expected_backend, cpu_replicas, replicas = CASES[case]
+    run(launcher, SCRIPT, ["--out", str(tmp_path)], timeout=240, auto=True, cpu_replicas=cpu_replicas)
+    processes = 1 if launcher == "mirrored" else 2
+    infos = [json.loads((tmp_path / f"info_rank{r}.json").read_text()) for r in range(processes)]
+    assert [i["rank"] for i in infos] == list(range(processes))
+    assert all(i["backend"] == expected_backend and i["replicas"] == replicas for i in infos), infos
+    if case == "horovod-mpi":
         assert all(i["mpi"] and not i["gloo"] for i in infos), infos
-    if backend == "horovod-gloo":
-        assert all(i["gloo"] for i in infos), infos
+    if case == "horovod-gloo":
+        assert all(i["gloo"] and not i["mpi"] for i in infos), infos
     for optimizer in ("sgd", "adam"):
         assert all(i[f"{optimizer}_steps"] == 20 for i in infos), infos
         expected = load(reference, optimizer, 0)
-        ranks = [load(tmp_path, optimizer, r) for r in range(len(infos))]
+        ranks = [load(tmp_path, optimizer, r) for r in range(processes)]
         for rank_weights in ranks[1:]:  # bitwise identical across ranks
             for a, b in zip(ranks[0], rank_weights):
-                assert np.array_equal(a, b), f"{backend}/{optimizer}: ranks differ"
+                assert np.array_equal(a, b), f"{case}/{optimizer}: ranks differ"
         for got, want in zip(ranks[0], expected):
             rel = np.max(np.abs(got - want)) / np.max(np.abs(want))
-            assert rel <= 1e-5, f"{backend}/{optimizer}: relative difference {rel:.2e} > 1e-5"
+            assert rel <= 1e-5, f"{case}/{optimizer}: relative difference {rel:.2e} > 1e-5"

@@ -48,8 +48,8 @@ def get_backend(name: str = "auto", *, cpu_replicas: int | None = None, threads:
 
     Args:
       name: ``auto``, ``single``, ``mirrored``, ``multiworker`` or ``horovod``.
-      cpu_replicas: Logical CPU devices to replicate over (mirrored, multiworker); default from
-        ``DISTTRAIN_CPU_REPLICAS``.
+      cpu_replicas: Logical CPU devices to replicate over (mirrored; default from
+        ``DISTTRAIN_CPU_REPLICAS``).
       threads: Cap on TensorFlow's thread pools for this process; default from ``DISTTRAIN_THREADS``.
       **options: Passed to the backend class (e.g. ``compression="fp16"`` for Horovod).
 
@@ -70,13 +70,13 @@ def get_backend(name: str = "auto", *, cpu_replicas: int | None = None, threads:
     from disttrain.backends.devices import limit_threads
 
     limit_threads(threads or int(os.environ.get("DISTTRAIN_THREADS", "0") or 0))
-    if cpu_replicas is None and os.environ.get("DISTTRAIN_CPU_REPLICAS"):
-        cpu_replicas = int(os.environ["DISTTRAIN_CPU_REPLICAS"])
     if name == "single":
         from disttrain.backends.single import SingleBackend
         _current = SingleBackend(**options)
     elif name == "mirrored":
         from disttrain.backends.mirrored import MirroredBackend
+        if cpu_replicas is None and os.environ.get("DISTTRAIN_CPU_REPLICAS"):
+            cpu_replicas = int(os.environ["DISTTRAIN_CPU_REPLICAS"])
         _current = MirroredBackend(cpu_replicas=cpu_replicas, **options)
     elif name == "multiworker":
         from disttrain.backends.multiworker import MultiWorkerBackend
@@ -84,6 +84,10 @@ def get_backend(name: str = "auto", *, cpu_replicas: int | None = None, threads:
     else:
         from disttrain.backends.horovod import HorovodBackend
         _current = HorovodBackend(**options)
+    if not _current.is_chief:  # silence elsewhere: only the chief talks
+        import tensorflow as tf
+
+        tf.get_logger().setLevel("ERROR")
     return _current
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import tensorflow as tf
 
 
-def logical_cpus(count: int) -> list[str]:
-    """Splits the first physical CPU into ``count`` logical devices and returns their names.
+def split_cpu(count: int) -> None:
+    """Splits the first physical CPU into ``count`` logical devices, without starting the runtime.
 
     Args:
       count: Number of logical CPU devices, >= 1.
@@ -18,17 +18,23 @@ def logical_cpus(count: int) -> list[str]:
     if count < 1:
         raise ValueError(f"cpu_replicas={count} must be >= 1")
     cpu = tf.config.list_physical_devices("CPU")[0]
-    wanted = [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
     current = tf.config.get_logical_device_configuration(cpu)
-    if current is None or len(current) != count:
-        try:
-            tf.config.set_logical_device_configuration(cpu, wanted)
-        except RuntimeError as err:
-            have = len(tf.config.list_logical_devices("CPU"))
-            raise RuntimeError(
-                f"cannot split the CPU into {count} logical devices: TensorFlow is already initialised "
-                f"with {have}. Create the backend (disttrain.get_backend) before any other TensorFlow "
-                "op runs, or set DISTTRAIN_CPU_REPLICAS in the environment") from err
+    if current is not None and len(current) == count:
+        return
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)])
+    except RuntimeError as err:
+        have = len(tf.config.list_logical_devices("CPU"))
+        raise RuntimeError(
+            f"cannot split the CPU into {count} logical devices: TensorFlow is already initialised "
+            f"with {have}. Create the backend (disttrain.get_backend) before any other TensorFlow "
+            "op runs, or set DISTTRAIN_CPU_REPLICAS in the environment") from err
+
+
+def logical_cpus(count: int) -> list[str]:
+    """Splits the CPU into ``count`` logical devices (see :func:`split_cpu`) and returns their names."""
+    split_cpu(count)
     return [d.name for d in tf.config.list_logical_devices("CPU")][:count]
 
 

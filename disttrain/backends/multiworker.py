@@ -7,7 +7,6 @@ import os
 
 import tensorflow as tf
 
-from disttrain.backends.devices import logical_cpus
 from disttrain.backends.strategy import StrategyBackend
 
 
@@ -46,8 +45,8 @@ class MultiWorkerBackend(StrategyBackend):
     """Synchronous data parallelism over the workers named in ``TF_CONFIG`` (collective all-reduce).
 
     Args:
-      cpu_replicas: Logical CPU devices per worker (emulates several GPUs per host); default: all
-        local GPUs, else one CPU.
+      cpu_replicas: Must be None or 1: MultiWorkerMirroredStrategy drives all local GPUs, or else
+        exactly one CPU device per worker (it does not replicate over logical CPU devices).
       communication: ``ring``, ``nccl`` or ``auto`` collective implementation.
 
     Raises:
@@ -58,8 +57,10 @@ class MultiWorkerBackend(StrategyBackend):
 
     def __init__(self, *, cpu_replicas: int | None = None, communication: str = "auto"):
         rank, size, local_rank = parse_tf_config()
-        if cpu_replicas:
-            logical_cpus(cpu_replicas)
+        if cpu_replicas not in (None, 1):
+            raise ValueError(f"cpu_replicas={cpu_replicas} is not supported by the multiworker backend: "
+                             "MultiWorkerMirroredStrategy uses one CPU device per worker; start more "
+                             "workers instead (disttrain launch --tf-config -n N)")
         impl = {"auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
                 "ring": tf.distribute.experimental.CommunicationImplementation.RING,
                 "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL}[communication]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any, Callable
 
 import tensorflow as tf
@@ -29,6 +30,7 @@ class StrategyBackend(Backend):
         self._rank = rank
         self._size = size
         self._local_replicas = strategy.num_replicas_in_sync // size
+        self._reducers: dict[str, Callable] = {}
 
     @property
     def rank(self) -> int:
@@ -84,23 +86,23 @@ class StrategyBackend(Backend):
 
     # -- collectives ---------------------------------------------------------------------------
     def _all_reduce_tensor(self, value: tf.Tensor, op: str) -> tf.Tensor:
-        # Each process contributes its value once: through its first local replica for a sum, through
-        # every replica for max/min (duplicates do not change those).
+        if op not in self._reducers:
+            self._reducers[op] = tf.function(functools.partial(self._replicated_reduce, op=op))
+        return self._reducers[op](value)
+
+    def _replicated_reduce(self, value: tf.Tensor, *, op: str) -> tf.Tensor:
+        """Runs on every replica with this process's ``value``; each process counts once."""
         local = self.local_replicas
-        zero = tf.zeros_like(value)
 
-        def per_replica(ctx: tf.distribute.InputReplicaContext) -> tf.Tensor:
-            first = ctx.replica_id_in_sync_group % local == 0
-            return value if (op != "sum" or first) else zero
+        def per_replica(v):
+            ctx = tf.distribute.get_replica_context()
+            if op == "sum":  # only the first replica of each process contributes
+                first = tf.equal(ctx.replica_id_in_sync_group % local, 0)
+                return ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.where(first, v, tf.zeros_like(v)))
+            gathered = ctx.all_gather(tf.expand_dims(v, 0), axis=0)  # duplicates don't change max/min
+            return tf.reduce_max(gathered, 0) if op == "max" else tf.reduce_min(gathered, 0)
 
-        distributed = self.strategy.experimental_distribute_values_from_function(per_replica)
-        reduce_op = {"sum": tf.distribute.ReduceOp.SUM, "max": "max", "min": "min"}[op]
-        if op == "sum":
-            return self.strategy.reduce(reduce_op, distributed, axis=None)
-        # max / min: gather every replica's value and reduce locally (the strategy has no MAX op).
-        gathered = self.strategy.gather(
-            self.strategy.run(lambda v: tf.expand_dims(v, 0), args=(distributed,)), axis=0)
-        return tf.reduce_max(gathered, axis=0) if op == "max" else tf.reduce_min(gathered, axis=0)
+        return self.strategy.experimental_local_results(self.strategy.run(per_replica, args=(value,)))[0]
 
     # -- input ---------------------------------------------------------------------------------
     def distribute_dataset(self, dataset_fn: Callable[[InputContext], tf.data.Dataset], *,

@@ -1,0 +1,32 @@
+# disttrain: two commands do everything on a fresh machine.
+#   make demo   set up (idempotent), then train the digits demo with Horovod (2 ranks) and Mirrored (2 devices)
+#   make test   set up (idempotent), then run the whole test suite
+SHELL := /bin/bash
+VENV ?= $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+export DISTTRAIN_VENV := $(VENV)
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+export DISTTRAIN_THREADS ?= 1
+
+.PHONY: setup demo test bench info clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	@echo "== disttrain demo 1/2: Horovod, 2 ranks (horovodrun -np 2 --gloo)"
+	$(VENV)/bin/horovodrun -np 2 -H localhost:2 --gloo $(PY) examples/digits.py --backend horovod
+	@echo "== disttrain demo 2/2: MirroredStrategy on 2 logical CPU devices"
+	$(PY) examples/digits.py --backend mirrored --cpu-replicas 2
+
+test: setup
+	$(PY) -m pytest -q
+
+bench: setup
+	$(PY) bench/run.py --out docs/benchmarks.md
+
+info: setup
+	$(VENV)/bin/disttrain info
+
+clean:
+	rm -rf runs .pytest_cache build *.egg-info

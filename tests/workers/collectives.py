@@ -1,0 +1,42 @@
+"""Exercises the backend protocol's collectives with rank-dependent values; writes one JSON per rank."""
+
+import argparse
+import json
+import os
+
+import disttrain as dt
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--backend", default="auto")
+parser.add_argument("--cpu-replicas", type=int, default=None)
+parser.add_argument("--out", required=True)
+args = parser.parse_args()
+
+backend = dt.get_backend(args.backend, cpu_replicas=args.cpu_replicas)
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+r = backend.rank
+result = {
+    "backend": backend.name, "rank": r, "size": backend.size, "local_rank": backend.local_rank,
+    "is_chief": backend.is_chief, "replicas": backend.num_replicas,
+    "sum_int": backend.all_reduce(r + 1, "sum"),
+    "mean_float": backend.all_reduce(float(r) * 2.5, "mean"),
+    "max_int": backend.all_reduce(10 - r, "max"),
+    "min_float": backend.all_reduce(1.5 + r, "min"),
+    "sum_tensor": backend.all_reduce(tf.constant([r, 10 * r], tf.float32), "sum").numpy().tolist(),
+    "max_array": backend.all_reduce(np.array([r, -r], np.int64), "max").tolist(),
+    "broadcast_float": backend.broadcast(100.0 + r),
+    "broadcast_tensor": backend.broadcast(tf.fill([3], float(r + 7))).numpy().tolist(),
+    "broadcast_from_last": backend.broadcast(r * 3, root=backend.size - 1),
+}
+types = {k: type(v).__name__ for k, v in result.items()}
+result["types"] = types
+backend.barrier()
+try:
+    backend.all_reduce(1, "median")
+except ValueError as err:
+    result["bad_op"] = str(err)
+with open(os.path.join(args.out, f"rank{r}.json"), "w") as f:
+    json.dump(result, f)
