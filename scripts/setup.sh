@@ -53,4 +53,4 @@ fi
 # 3. Horovod ------------------------------------------------------------------------------------
 "$ROOT/scripts/build_horovod.sh" "$VENV"
 
-log "ready: $VENV ($("$VENV/bin/python" -c 'import tensorflow as tf, horovod; print("TF", tf.__version__, "Horovod", horovod.__version__)' 2>/dev/null))"
+log "ready: $VENV ($("$VENV/bin/python" -c 'from importlib.metadata import version as v; print("tensorflow", v("tensorflow-cpu" if "'"$EXTRA"'" == "cpu" else "tensorflow"), "horovod", v("horovod"))'))"
