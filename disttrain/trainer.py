@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import keras
 import numpy as np
@@ -93,8 +93,10 @@ class Trainer:
     replicas, plus each metric computed from its merged state: numbers identical on every process.
 
     Args:
-      model: A built Keras model, created inside ``backend.scope()``.
-      optimizer: A Keras optimizer, created inside ``backend.scope()``; built here if needed.
+      model: A built Keras model, created inside ``backend.scope()``, or a list of them (e.g. a GAN's
+        generator and discriminator).
+      optimizer: A Keras optimizer created inside ``backend.scope()`` (built here on all the models'
+        trainable variables if needed), or a list of them, each already built on its variables.
       train_step: ``fn(ctx, batch) -> loss | dict``.
       backend: The backend (default ``get_backend("auto")``).
       eval_step: ``fn(ctx, batch) -> loss | dict`` for validation (no gradients).
@@ -107,7 +109,8 @@ class Trainer:
       ValueError: If the model has no variables yet, or model/optimizer were created outside the scope.
     """
 
-    def __init__(self, *, model: keras.Model, optimizer: keras.optimizers.Optimizer, train_step: StepFn,
+    def __init__(self, *, model: keras.Model | Sequence[keras.Model],
+                 optimizer: keras.optimizers.Optimizer | Sequence[keras.optimizers.Optimizer], train_step: StepFn,
                  backend: Backend | None = None, eval_step: StepFn | None = None,
                  metrics: Iterable[keras.metrics.Metric] | None = None,
                  eval_metrics: Iterable[keras.metrics.Metric] | None = None,
@@ -120,14 +123,24 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.verbose = verbose
         self._print = print_fn or functools.partial(print, flush=True)
-        if not model.trainable_variables:
-            raise ValueError(f"model {model.name!r} has no variables yet; build it inside backend.scope() "
-                             "(start it with keras.Input(shape=...) or call model.build(input_shape))")
-        self.backend.check_created_in_scope(model=model, optimizer=optimizer)
-        if not optimizer.built:
+        self.models = list(model) if isinstance(model, (list, tuple)) else [model]
+        self.optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        self.optimizer = self.optimizers[0]  # its learning rate is the one logged as "lr"
+        for m in self.models:
+            if not m.trainable_variables:
+                raise ValueError(f"model {m.name!r} has no variables yet; build it inside backend.scope() "
+                                 "(start it with keras.Input(shape=...) or call model.build(input_shape))")
+        self.backend.check_created_in_scope(models=self.models, optimizers=self.optimizers)
+        for opt in self.optimizers:
+            if opt.built:
+                continue
+            if len(self.optimizers) > 1:
+                raise ValueError(f"optimizer {opt.name!r} is not built; with several optimizers build each "
+                                 "inside backend.scope(): optimizer.build(its_model.trainable_variables)")
             with self.backend.scope():
-                optimizer.build(model.trainable_variables)
-        self.backend.sync_initial_state(list(model.variables) + list(optimizer.variables))
+                opt.build([v for m in self.models for v in m.trainable_variables])
+        self.backend.sync_initial_state([v for m in self.models for v in m.variables] +
+                                        [v for o in self.optimizers for v in o.variables])
         self._functions: dict[tuple[str, int], Callable] = {}
         self.history: dict[str, list[float]] = {}
         self.stop_training = False

@@ -1,4 +1,8 @@
-"""Same model, data, seed and 20 steps: every backend ends with the single-device weights."""
+"""Same model, data, seed and 20 steps: every backend ends with the single-device weights.
+
+Three trainings per launch: SGD, Adam, and two models with two optimizers (SGD+momentum and Adam)
+updated in one step, as in a GAN.
+"""
 
 import json
 
@@ -45,7 +49,7 @@ def test_backend_matches_single_device(case, reference, tmp_path):
         assert all(i["mpi"] and not i["gloo"] for i in infos), infos
     if case == "horovod-gloo":
         assert all(i["gloo"] and not i["mpi"] for i in infos), infos
-    for optimizer in ("sgd", "adam"):
+    for optimizer in ("sgd", "adam", "two"):
         assert all(i[f"{optimizer}_steps"] == 20 for i in infos), infos
         expected = load(reference, optimizer, 0)
         ranks = [load(tmp_path, optimizer, r) for r in range(processes)]

@@ -97,8 +97,8 @@ class Backend(abc.ABC):
     def scope(self) -> contextlib.AbstractContextManager:
         """Context in which the model and optimizer must be created."""
 
-    def check_created_in_scope(self, *, model: Any, optimizer: Any) -> None:
-        """Raises ValueError if the model or optimizer was created outside :meth:`scope`."""
+    def check_created_in_scope(self, *, models: list, optimizers: list) -> None:
+        """Raises ValueError if a model or optimizer was created outside :meth:`scope`."""
 
     def sync_initial_state(self, variables: list[tf.Variable]) -> None:
         """Makes ``variables`` equal on every process (rank 0's values win). Call once, before training."""

@@ -51,18 +51,20 @@ class StrategyBackend(Backend):
     def scope(self) -> contextlib.AbstractContextManager:
         return self.strategy.scope()
 
-    def check_created_in_scope(self, *, model: Any, optimizer: Any) -> None:
-        where = getattr(optimizer, "_distribution_strategy", None)
-        if where is not None and where is not self.strategy:
-            raise ValueError(
-                f"the optimizer {type(optimizer).__name__} was created outside backend.scope() "
-                f"(it belongs to {type(where).__name__}, the backend runs {type(self.strategy).__name__}); "
-                "create it inside `with backend.scope():`")
-        for variable in getattr(model, "variables", []):
-            if not self.strategy.extended.variable_created_in_scope(_raw(variable)):
+    def check_created_in_scope(self, *, models: list, optimizers: list) -> None:
+        for optimizer in optimizers:
+            where = getattr(optimizer, "_distribution_strategy", None)
+            if where is not None and where is not self.strategy:
                 raise ValueError(
-                    f"model variable {variable.path if hasattr(variable, 'path') else variable.name!r} "
-                    "was created outside backend.scope(); build the model inside `with backend.scope():`")
+                    f"the optimizer {type(optimizer).__name__} was created outside backend.scope() "
+                    f"(it belongs to {type(where).__name__}, the backend runs {type(self.strategy).__name__}); "
+                    "create it inside `with backend.scope():`")
+        for model in models:
+            for variable in model.variables:
+                if not self.strategy.extended.variable_created_in_scope(_raw(variable)):
+                    raise ValueError(
+                        f"variable {getattr(variable, 'path', variable.name)!r} of model {model.name!r} was "
+                        "created outside backend.scope(); build the model inside `with backend.scope():`")
 
     # -- the step ------------------------------------------------------------------------------
     def run(self, fn: Callable, args: tuple = ()) -> Any:

@@ -54,5 +54,31 @@ for name, make_optimizer in [("sgd", lambda: keras.optimizers.SGD(0.05)),
     np.savez(os.path.join(args.out, f"{name}_rank{backend.rank}.npz"),
              *[v.numpy() for v in model.trainable_variables])
 
+# Two models, two optimizers, one step (the shape of a GAN's or an actor-critic's update).
+with backend.scope():
+    keras.utils.set_random_seed(43)
+    body = keras.Sequential([keras.Input(shape=(8,)), keras.layers.Dense(16, activation="tanh")])
+    head = keras.Sequential([keras.Input(shape=(16,)), keras.layers.Dense(1)])
+    body_opt, head_opt = keras.optimizers.SGD(0.05, momentum=0.9), keras.optimizers.Adam(0.01)
+    body_opt.build(body.trainable_variables)
+    head_opt.build(head.trainable_variables)
+
+
+def two_model_step(ctx, batch):
+    features, target = batch
+    with tf.GradientTape(persistent=True) as tape:
+        loss = ctx.average_loss(tf.reduce_mean(tf.square(target - head(body(features))), axis=-1))
+    ctx.apply_gradients(body_opt, tape.gradient(loss, body.trainable_variables), body.trainable_variables)
+    ctx.apply_gradients(head_opt, tape.gradient(loss, head.trainable_variables), head.trainable_variables)
+    return loss
+
+
+trainer = dt.Trainer(model=[body, head], optimizer=[body_opt, head_opt], train_step=two_model_step,
+                     backend=backend, verbose=0)
+trainer.fit(dataset, global_batch_size=GLOBAL_BATCH, epochs=EPOCHS, shuffle_seed=7)
+info["two_steps"] = int(head_opt.iterations.numpy())
+np.savez(os.path.join(args.out, f"two_rank{backend.rank}.npz"),
+         *[v.numpy() for v in body.trainable_variables + head.trainable_variables])
+
 with open(os.path.join(args.out, f"info_rank{backend.rank}.json"), "w") as f:
     json.dump(info, f)
