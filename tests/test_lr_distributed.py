@@ -90,3 +90,12 @@ def test_lr_timeline_identical_on_every_rank_and_decided_on_global_loss(backend,
                 for r in range(2):
                     assert replay(name, history, replicas=replicas, loss=local[r])["next_lr"] != want["next_lr"]
     assert fired == RULES, f"{backend}: every rule must have changed the LR at least once, fired {fired}"
+
+    # The LRs the compiled step applied (read back from a weight whose gradient is exactly 1) are the
+    # controller's, on every rank.
+    for rank in ranks:
+        probe = rank["probe"]
+        assert probe["history"]["lr"] == [lrs[0] for lrs in probe["step_lrs"]]
+        moved = -np.diff([0.0] + probe["weights"])
+        np.testing.assert_allclose(moved, [sum(lrs) for lrs in probe["step_lrs"]], rtol=1e-5)
+        assert len({round(float(m), 6) for m in moved}) > 3 and any(probe["changes"]), probe

@@ -86,5 +86,38 @@ for name in ("float", "schedule", "cosine"):
         "weights": [v.numpy().ravel().tolist() for v in model.trainable_variables],
     }
 
+# The probe: loss = mean(w * 1) has gradient exactly 1, so SGD moves w by exactly -lr every step and the
+# weight after each epoch reveals the LRs the compiled step really applied (on every backend).
+with backend.scope():
+    probe = keras.Sequential([keras.Input(shape=(1,)),
+                              keras.layers.Dense(1, use_bias=False, kernel_initializer="zeros")])
+    probe_optimizer = make_optimizer("float")
+probe_controller = make_controller("float")
+probe_recorder = Recorder(probe_controller)
+
+
+class Weights(dt.Callback):
+    def __init__(self):
+        self.values = []
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        self.values.append(float(probe.trainable_variables[0].numpy().ravel()[0]))
+
+
+def probe_step(ctx, batch):
+    with tf.GradientTape() as tape:
+        loss = ctx.average_loss(tf.reshape(probe(batch, training=True), [-1]))
+    ctx.apply_gradients(probe_optimizer, tape.gradient(loss, probe.trainable_variables), probe.trainable_variables)
+    return loss
+
+
+weights = Weights()
+trainer = dt.Trainer(model=probe, optimizer=probe_optimizer, train_step=probe_step, backend=backend,
+                     callbacks=[probe_controller, probe_recorder, weights], verbose=0)
+history = trainer.fit(tf.data.Dataset.from_tensor_slices(np.ones((STEPS * GLOBAL_BATCH, 1), "float32")),
+                      global_batch_size=GLOBAL_BATCH, epochs=EPOCHS)
+out["probe"] = {"history": history, "step_lrs": probe_recorder.step_lrs, "weights": weights.values,
+                "changes": [t["changes"] for t in probe_controller.timeline]}
+
 with open(os.path.join(args.out, f"rank{backend.rank}.json"), "w") as f:
     json.dump(out, f)
