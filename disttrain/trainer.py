@@ -144,6 +144,7 @@ class Trainer:
         self._functions: dict[tuple[str, int], Callable] = {}
         self.history: dict[str, list[float]] = {}
         self.stop_training = False
+        self.global_batch_size: int | None = None  # of the running fit (read by callbacks, e.g. LR scaling)
 
     # -- compiled steps ------------------------------------------------------------------------
     def _function(self, kind: str, global_batch_size: int) -> Callable:
@@ -163,6 +164,11 @@ class Trainer:
 
             self._functions[key] = run
         return self._functions[key]
+
+    def reset_compiled_steps(self) -> None:
+        """Drops the traced steps so the next step is traced again (e.g. after the optimizer's learning
+        rate object was replaced: a traced step keeps applying the one it captured)."""
+        self._functions.clear()
 
     def _run_epoch(self, kind: str, data: Any, *, global_batch_size: int, epoch: int,
                    steps: int | None, seed: int | None) -> tuple[dict[str, float], int, float]:
@@ -220,6 +226,7 @@ class Trainer:
         if validation_data is not None and self._eval_step is None:
             raise ValueError("validation_data needs an eval_step; pass eval_step=fn(ctx, batch) to Trainer")
         self.stop_training = False
+        self.global_batch_size = global_batch_size
         for callback in self.callbacks:
             callback.on_train_begin(self)
         for epoch in range(initial_epoch, initial_epoch + epochs):
