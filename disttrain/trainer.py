@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from typing import Any, Callable, Iterable, Mapping
 
@@ -29,7 +30,8 @@ class StepContext:
         self.backend = backend
         self.global_batch_size = global_batch_size
         self.num_replicas = backend.num_replicas
-        self._captured: list | None = None  # (variable, local gradient) pairs on gradient-histogram steps
+        # (variable, local gradient) pairs, per replica thread, while tracing a gradient-histogram step
+        self._capture = threading.local()
 
     def average_loss(self, per_example_loss: tf.Tensor, sample_weight: tf.Tensor | None = None) -> tf.Tensor:
         """This replica's share of the mean loss over the GLOBAL batch: ``sum(loss * w) / global_batch``.
@@ -50,8 +52,9 @@ class StepContext:
 
     def apply_gradients(self, optimizer: keras.optimizers.Optimizer, grads: list, variables: list) -> None:
         """Sums ``grads`` over all replicas (once) and applies them with ``optimizer``."""
-        if self._captured is not None:
-            self._captured.extend((v, g) for g, v in zip(grads, variables) if g is not None)
+        captured = getattr(self._capture, "pairs", None)
+        if captured is not None:
+            captured.extend((v, g) for g, v in zip(grads, variables) if g is not None)
         self.backend.apply_gradients(optimizer, grads, variables)
 
 
@@ -93,6 +96,15 @@ class Callback:
 
 
 StepFn = Callable[[StepContext, Any], Any]
+
+
+def _named_gradients(pairs: list) -> dict[str, tf.Tensor]:
+    """``{variable path: gradient}`` (a repeated variable gets a ``_<index>`` suffix)."""
+    grads: dict[str, tf.Tensor] = {}
+    for i, (variable, grad) in enumerate(pairs):
+        name = getattr(variable, "path", None) or variable.name
+        grads[name if name not in grads else f"{name}_{i}"] = tf.convert_to_tensor(grad)
+    return grads
 
 
 def _as_outputs(value: Any) -> dict[str, tf.Tensor]:
@@ -186,16 +198,12 @@ class Trainer:
             def replica_fn(batch):
                 if not gradients:
                     return _as_outputs(step(ctx, batch))
-                ctx._captured = []
+                ctx._capture.pairs = captured = []  # replicas may trace in parallel threads
                 try:
                     outputs = _as_outputs(step(ctx, batch))
-                    grads: dict[str, tf.Tensor] = {}
-                    for i, (v, g) in enumerate(ctx._captured):
-                        name = getattr(v, "path", None) or v.name
-                        grads[name if name not in grads else f"{name}_{i}"] = tf.convert_to_tensor(g)
                 finally:
-                    ctx._captured = None
-                return outputs, grads
+                    ctx._capture.pairs = None
+                return outputs, _named_gradients(captured)
 
             @tf.function
             def run(iterator):
@@ -238,11 +246,11 @@ class Trainer:
             if step_logger is not None:
                 step_logger.after_step(step=self.global_step, epoch_step=i + 1, totals=totals, gradients=grads)
         names = sorted(totals)
-        logs: dict[str, float] = {}
-        if names:
-            summed = backend.all_reduce(tf.stack([tf.cast(totals[n], tf.float64) for n in names]), "sum")
-            logs = {n: float(v) / steps for n, v in zip(names, np.asarray(summed))}
-        seconds = time.perf_counter() - start
+        # The wall time rides along in the same all-reduce: every process reports the same (mean) time.
+        local = [tf.cast(totals[n], tf.float64) for n in names] + [tf.constant(time.perf_counter() - start, tf.float64)]
+        summed = np.asarray(backend.all_reduce(tf.stack(local), "sum"))
+        logs = {n: float(v) / steps for n, v in zip(names, summed)}
+        seconds = float(summed[-1]) / backend.size
         return logs, steps, seconds
 
     def _dispatch(self, hook: str, *args: Any) -> None:
