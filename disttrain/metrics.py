@@ -93,12 +93,14 @@ def pack_local_states(backend: Backend, metrics: Iterable[keras.metrics.Metric]
 def states_from_vector(backend: Backend, layout: StateLayout, summed: Any) -> dict:
     """``{metric: [global state tensors]}`` from the all-reduced vector of :func:`pack_local_states`.
 
+    Works eagerly and inside ``tf.function`` (``summed`` may be a numpy array or a tensor).
+
     Raises:
       ValueError: If ``summed`` does not have the layout's size.
     """
-    summed = np.asarray(summed, dtype=np.float64).reshape(-1)
-    if summed.size != layout.size:
-        raise ValueError(f"the reduced state vector has {summed.size} values, the layout expects {layout.size}")
+    summed = tf.reshape(tf.cast(summed, tf.float64), [-1])
+    if summed.shape[0] != layout.size:
+        raise ValueError(f"the reduced state vector has {summed.shape[0]} values, the layout expects {layout.size}")
     out: dict = {}
     offset = 0
     for slot in layout.slots:
@@ -107,9 +109,8 @@ def states_from_vector(backend: Backend, layout: StateLayout, summed: Any) -> di
             value = value / backend.num_replicas
         dtype = tf.as_dtype(slot.dtype)
         if dtype.is_integer or dtype.is_bool:
-            value = np.rint(value)
-        out.setdefault(slot.metric, []).append(
-            tf.constant(value.reshape(slot.shape).astype(dtype.as_numpy_dtype), dtype=dtype))
+            value = tf.round(value)
+        out.setdefault(slot.metric, []).append(tf.cast(tf.reshape(value, slot.shape), dtype))
         offset += slot.size
     return out
 
@@ -131,15 +132,30 @@ def result_items(name: str, value: Any) -> dict[str, float]:
     return {f"{name}_{i}": float(v) for i, v in enumerate(array.reshape(-1))}
 
 
-def results_from_vector(backend: Backend, layout: StateLayout, summed: Any) -> dict[str, float]:
-    """``{metric name: float}`` computed with ``metric.stateless_result`` from the merged states.
+def result_tensors(backend: Backend, layout: StateLayout, summed: Any) -> dict[str, Any]:
+    """``{metric name: result}`` (tensors) from the merged states; usable inside ``tf.function``.
 
     The metrics' own variables are left untouched.
     """
-    results: dict[str, float] = {}
-    for metric, states in states_from_vector(backend, layout, summed).items():
-        results.update(result_items(metric.name, metric.stateless_result(states)))
-    return results
+    return {metric.name: metric.stateless_result(states)
+            for metric, states in states_from_vector(backend, layout, summed).items()}
+
+
+def results_from_vector(backend: Backend, layout: StateLayout, summed: Any) -> dict[str, float]:
+    """``{metric name: float}`` computed with ``metric.stateless_result`` from the merged states.
+
+    The metrics' own variables are left untouched. Non-scalar results are flattened by
+    :func:`result_items`.
+    """
+    return flat_results(result_tensors(backend, layout, summed))
+
+
+def flat_results(results: Mapping[str, Any]) -> dict[str, float]:
+    """Flattens ``{metric name: result}`` to floats with :func:`result_items`."""
+    out: dict[str, float] = {}
+    for name, value in results.items():
+        out.update(result_items(name, tf.nest.map_structure(np.asarray, value)))
+    return out
 
 
 def merged_states(backend: Backend, metrics: Iterable[keras.metrics.Metric]) -> dict:

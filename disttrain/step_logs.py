@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import weakref
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -105,6 +106,7 @@ class StepLogger:
         self.intervals = intervals
         self._last = time.perf_counter()
         self._last_step = 0
+        self._layout, self._pack, self._results = _compiled(trainer)
 
     def begin_epoch(self, *, steps: int) -> None:
         """Starts the timing window; call just before an epoch's first step."""
@@ -145,13 +147,12 @@ class StepLogger:
         window_steps = epoch_step - self._last_step
         elapsed = now - self._last
         names = sorted(totals)
-        states, layout = metrics_lib.pack_local_states(backend, trainer.metrics)
-        head = tf.constant([elapsed], tf.float64)
-        if names:
-            head = tf.concat([tf.stack([tf.cast(totals[n], tf.float64) for n in names]), head], 0)
-        summed = np.asarray(backend.all_reduce(tf.concat([head, states], 0), "sum"))
-        logs = {n: float(v) / epoch_step for n, v in zip(names, summed[:len(names)])}
-        logs.update(metrics_lib.results_from_vector(backend, layout, summed[len(names) + 1:]))
+        local = self._pack([totals[n] for n in names], tf.constant(elapsed, tf.float64))
+        summed = backend.all_reduce(local, "sum")
+        values = np.asarray(summed)
+        logs = {n: float(v) / epoch_step for n, v in zip(names, values[:len(names)])}
+        if self._layout.slots:
+            logs.update(metrics_lib.flat_results(self._results(summed[len(names) + 1:])))
         from disttrain.trainer import current_learning_rate
 
         logs["lr"] = current_learning_rate(trainer.optimizer)
@@ -161,6 +162,33 @@ class StepLogger:
             logs["step_time"] = seconds / window_steps
         self._last, self._last_step = time.perf_counter(), epoch_step
         return logs
+
+
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled(trainer: "Trainer") -> tuple:
+    """``(layout, pack, results)`` for the trainer's metrics, compiled once per trainer and metric list.
+
+    Packing the states and computing the results are many small ops: compiled, each is one call.
+    """
+    backend, metrics = trainer.backend, list(trainer.metrics)
+    cached = _COMPILED.get(trainer)
+    if cached is not None and cached[0] == [id(m) for m in metrics]:
+        return cached[1]
+    _, layout = metrics_lib.pack_local_states(backend, metrics)
+
+    @tf.function
+    def pack(totals: list, elapsed: tf.Tensor) -> tf.Tensor:
+        head = [tf.cast(t, tf.float64) for t in totals] + [elapsed]
+        return tf.concat([tf.stack(head), metrics_lib.pack_local_states(backend, metrics)[0]], 0)
+
+    @tf.function
+    def results(summed: tf.Tensor) -> dict:
+        return metrics_lib.result_tensors(backend, layout, summed)
+
+    _COMPILED[trainer] = ([id(m) for m in metrics], (layout, pack, results))
+    return layout, pack, results
 
 
 def _all_reduce_structure(backend, values: dict[str, tf.Tensor]) -> dict[str, np.ndarray]:

@@ -16,6 +16,9 @@ Tags (one run directory, one event file, written by the chief process only):
 
 Non-chief processes create no writer, no directory and no file. Writer creation and flushing are
 local file operations; every collective the values need is done by the trainer on every process.
+Each logging event is written as ONE serialized ``Summary`` holding TensorBoard's scalar and
+histogram protos (the same plugin metadata and bucketing as ``tf.summary.scalar`` / ``histogram``,
+computed in numpy): one small op per event instead of a chain of eager TensorFlow ops per value.
 """
 
 from __future__ import annotations
@@ -25,11 +28,47 @@ import os
 import time
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import tensorflow as tf
+from tensorboard.compat.proto import summary_pb2
+from tensorboard.plugins.histogram import metadata as histogram_metadata
+from tensorboard.plugins.scalar import metadata as scalar_metadata
+from tensorboard.util import tensor_util
 
 from disttrain.trainer import Callback
 
 HISTOGRAM_KINDS = ("weights", "gradients")
+HISTOGRAM_BUCKETS = 30  # TensorBoard's default
+_SCALAR_METADATA = scalar_metadata.create_summary_metadata(display_name=None, description=None)
+_HISTOGRAM_METADATA = histogram_metadata.create_summary_metadata(display_name=None, description=None)
+
+
+def scalar_value(tag: str, value: float) -> summary_pb2.Summary.Value:
+    """What ``tf.summary.scalar(tag, value)`` writes (a float32 scalar tensor with scalar metadata)."""
+    return summary_pb2.Summary.Value(tag=tag, metadata=_SCALAR_METADATA,
+                                     tensor=tensor_util.make_tensor_proto(np.float32(value)))
+
+
+def histogram_buckets(data, buckets: int = HISTOGRAM_BUCKETS) -> np.ndarray:
+    """``[buckets, 3]`` rows ``(left edge, right edge, count)``, bucketed exactly like TensorBoard's
+    ``histogram_pb`` (equal-width buckets over ``[min, max]``; all in the last one for a single value)."""
+    data = np.asarray(data, dtype=np.float64).reshape(-1)
+    if data.size == 0:
+        return np.zeros((buckets, 3))
+    low, high = float(data.min()), float(data.max())
+    if high == low:
+        counts = np.zeros(buckets)
+        counts[-1] = data.size
+        return np.stack([np.full(buckets, low), np.full(buckets, low), counts], axis=1)
+    index = np.minimum(np.floor((data - low) / ((high - low) / buckets)).astype(np.int64), buckets - 1)
+    edges = np.linspace(low, high, buckets + 1)
+    return np.stack([edges[:-1], edges[1:], np.bincount(index, minlength=buckets).astype(np.float64)], axis=1)
+
+
+def histogram_value(tag: str, data) -> summary_pb2.Summary.Value:
+    """What ``tf.summary.histogram(tag, data)`` writes."""
+    return summary_pb2.Summary.Value(tag=tag, metadata=_HISTOGRAM_METADATA,
+                                     tensor=tensor_util.make_tensor_proto(histogram_buckets(data)))
 
 
 def run_dir(root: str = "runs", name: str | None = None) -> str:
@@ -102,12 +141,16 @@ class TensorBoard(Callback):
         if self.announce and trainer.verbose:
             trainer._print(f"TensorBoard logs in {self.logdir}: {self.command}")
 
-    def _scalars(self, prefix: str, step: int, logs: Mapping[str, float]) -> None:
-        if self._writer is None:
+    def _write(self, step: int, values: list) -> None:
+        """Writes ``Summary.Value`` protos as one event at ``step``."""
+        if self._writer is None or not values:
             return
         with self._writer.as_default():
-            for name, value in logs.items():
-                tf.summary.scalar(f"{prefix}/{name}", float(value), step=step)
+            tf.summary.experimental.write_raw_pb(summary_pb2.Summary(value=values).SerializeToString(), step=step)
+
+    def _scalars(self, prefix: str, step: int, logs: Mapping[str, float]) -> None:
+        if self._writer is not None:
+            self._write(step, [scalar_value(f"{prefix}/{name}", value) for name, value in logs.items()])
 
     def on_step_logs(self, trainer, step: int, logs: dict[str, float]) -> None:
         self._scalars("step", step, logs)
@@ -120,15 +163,15 @@ class TensorBoard(Callback):
     def on_histograms(self, trainer, step: int, gradients: dict) -> None:
         if self._writer is None or step % self.histogram_every_steps:
             return
-        with self._writer.as_default():
-            if "weights" in self.histograms:
-                for variable in trainer.model.trainable_variables:
-                    raw = getattr(variable, "value", variable)
-                    local = trainer.backend.local_values(raw)[0]  # this process's copy: no communication
-                    tf.summary.histogram(f"weights/{getattr(variable, 'path', variable.name)}", local, step=step)
-            if "gradients" in self.histograms:
-                for name, value in gradients.items():
-                    tf.summary.histogram(f"gradients/{name}", value, step=step)
+        arrays = {}
+        if "weights" in self.histograms:
+            for variable in trainer.model.trainable_variables:
+                raw = getattr(variable, "value", variable)
+                local = trainer.backend.local_values(raw)[0]  # this process's copy: no communication
+                arrays[f"weights/{getattr(variable, 'path', variable.name)}"] = np.asarray(local)
+        if "gradients" in self.histograms:
+            arrays.update({f"gradients/{name}": np.asarray(value) for name, value in gradients.items()})
+        self._write(step, [histogram_value(tag, array) for tag, array in arrays.items()])
 
     def on_train_end(self, trainer, logs: dict[str, float]) -> None:
         if self._writer is not None:

@@ -229,3 +229,17 @@ def test_bad_arguments():
         dt.TensorBoard(logdir="x", histogram_every_steps=-1)
     with pytest.raises(ValueError, match="unknown histogram kinds"):
         dt.TensorBoard(logdir="x", histograms=["activations"])
+
+
+@pytest.mark.parametrize("data", [np.random.default_rng(0).normal(size=(7, 9)), np.full(5, 2.5), np.zeros(0),
+                                  np.array([1.0, 2.0])])
+def test_histograms_bucket_like_tensorboard(data):
+    from tensorboard.plugins.histogram import summary_v2
+
+    from disttrain.summaries import histogram_buckets, histogram_value
+
+    reference = summary_v2.histogram_pb("h", data).value[0]
+    mine = histogram_value("h", data)
+    np.testing.assert_allclose(tensor_util.make_ndarray(mine.tensor), tensor_util.make_ndarray(reference.tensor))
+    assert mine.metadata.plugin_data.plugin_name == reference.metadata.plugin_data.plugin_name
+    assert histogram_buckets(data).shape == (30, 3)
