@@ -247,7 +247,8 @@ class Trainer:
                 step_logger.after_step(step=self.global_step, epoch_step=i + 1, totals=totals, gradients=grads)
         names = sorted(totals)
         # The wall time rides along in the same all-reduce: every process reports the same (mean) time.
-        local = [tf.cast(totals[n], tf.float64) for n in names] + [tf.constant(time.perf_counter() - start, tf.float64)]
+        local = [tf.cast(totals[n], tf.float64) for n in names]
+        local.append(tf.constant(time.perf_counter() - start, tf.float64))
         summed = np.asarray(backend.all_reduce(tf.stack(local), "sum"))
         logs = {n: float(v) / steps for n, v in zip(names, summed)}
         seconds = float(summed[-1]) / backend.size
