@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import shutil
 import statistics
 import sys
 import tempfile
@@ -100,6 +101,7 @@ def main(argv=None) -> int:
         print(f"rep {rep + 1}/{args.reps}: off {times['off'][-1] * 1e3:.3f} ms, on {times['on'][-1] * 1e3:.3f} ms",
               file=sys.stderr, flush=True)
 
+    shutil.rmtree(logdir, ignore_errors=True)
     if not backend.is_chief:
         return 0
     med = {k: statistics.median(v) for k, v in times.items()}
