@@ -10,8 +10,10 @@
 
 from disttrain.backends import Backend, InputContext, detect, get_backend
 from disttrain.trainer import Callback, StepContext, Trainer, current_learning_rate
+from disttrain.progress import JsonLinesLogger, ProgressBar
+from disttrain.summaries import TensorBoard
 
 __version__ = "0.1.0"
 
-__all__ = ["Backend", "Callback", "InputContext", "StepContext", "Trainer", "current_learning_rate",
-           "detect", "get_backend", "__version__"]
+__all__ = ["Backend", "Callback", "InputContext", "JsonLinesLogger", "ProgressBar", "StepContext", "TensorBoard",
+           "Trainer", "current_learning_rate", "detect", "get_backend", "__version__"]

@@ -1,13 +1,24 @@
 """Exact metrics across replicas and processes: merge the metric *states* (sums, counts), then compute.
 
-Averaging per-rank averages is wrong whenever ranks see different numbers of examples; merging the
-accumulators first is exact. Keras metrics keep their state in variables with an aggregation (almost
-always ``sum``), which says how replicas' states combine.
+Averaging per-rank averages is wrong whenever ranks see different numbers of examples (or different
+sample weights); merging the accumulators first is exact. Keras metrics keep their state in
+variables with an aggregation (almost always ``sum``), which says how replicas' states combine:
+
+  * ``sum``: the global state is the sum over every replica;
+  * ``mean``: the sum over every replica divided by the number of replicas;
+  * ``none`` / ``only_first_replica``: every replica holds the same value; the chief's first
+    replica's value is used.
+
+All three are carried by ONE all-reduce (sum) of a flat float64 vector: for the last kind only the
+chief contributes a non-zero value, so the sum is the chief's value. The state vector can be packed
+together with other numbers (the trainer appends its running loss totals) so that a logging step
+costs exactly one collective.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+import dataclasses
+from typing import Any, Iterable, Mapping
 
 import keras
 import numpy as np
@@ -15,18 +26,136 @@ import tensorflow as tf
 
 from disttrain.backends.base import Backend
 
+_SUMMED = ("sum", "mean")
 
-def _flat_local_states(backend: Backend, metrics: Iterable[keras.metrics.Metric]):
-    """Yields ``(metric, variable, local value)``: each state summed over this process's replicas."""
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    metric: keras.metrics.Metric
+    aggregation: str
+    shape: tuple
+    dtype: Any
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+    """Where each metric variable sits in a packed state vector (from :func:`pack_local_states`)."""
+
+    slots: tuple
+    size: int
+
+
+def _aggregation(variable: Any) -> str:
+    aggregation = getattr(variable, "aggregation", "sum")
+    aggregation = getattr(aggregation, "name", aggregation)  # a tf.VariableAggregation enum
+    aggregation = str(aggregation or "none").lower()
+    return {"only_first_replica": "first", "none": "first"}.get(aggregation, aggregation)
+
+
+def pack_local_states(backend: Backend, metrics: Iterable[keras.metrics.Metric]
+                      ) -> tuple[tf.Tensor, StateLayout]:
+    """This process's contribution to the global metric states, as one flat float64 vector.
+
+    ``sum`` and ``mean`` states are summed over this process's replicas; ``first`` states
+    (aggregation ``none``) contribute the first replica's value on the chief and zeros elsewhere. Sum
+    the vector over all processes (``backend.all_reduce(vector, "sum")``) and pass the result to
+    :func:`results_from_vector`. No communication happens here.
+
+    Args:
+      backend: The active backend.
+      metrics: Keras metrics (possibly holding sub-metrics).
+
+    Returns:
+      ``(vector, layout)``; ``vector`` has ``layout.size`` elements (0 when there are no states).
+    """
+    flat, slots = [], []
     for metric in metrics:
         for variable in metric.variables:
             raw = getattr(variable, "value", variable)
-            aggregation = getattr(variable, "aggregation", "sum")
-            if aggregation in ("sum", "mean"):
+            aggregation = _aggregation(variable)
+            if aggregation in _SUMMED:
                 local = backend.local_sum(raw)
-            else:  # none / only_first_replica: every replica holds the same value
+            else:
                 local = tf.convert_to_tensor(backend.local_values(raw)[0])
-            yield metric, variable, aggregation, local
+                if not backend.is_chief:
+                    local = tf.zeros_like(local)
+            local = tf.cast(local, tf.float64)
+            n = int(np.prod(local.shape.as_list(), dtype=np.int64))
+            flat.append(tf.reshape(local, [-1]))
+            slots.append(_Slot(metric=metric, aggregation=aggregation, shape=tuple(local.shape.as_list()),
+                               dtype=variable.dtype, size=n))
+    size = sum(s.size for s in slots)
+    vector = tf.concat(flat, 0) if flat else tf.zeros([0], tf.float64)
+    return vector, StateLayout(slots=tuple(slots), size=size)
+
+
+def states_from_vector(backend: Backend, layout: StateLayout, summed: Any) -> dict:
+    """``{metric: [global state tensors]}`` from the all-reduced vector of :func:`pack_local_states`.
+
+    Works eagerly and inside ``tf.function`` (``summed`` may be a numpy array or a tensor).
+
+    Raises:
+      ValueError: If ``summed`` does not have the layout's size.
+    """
+    summed = tf.reshape(tf.cast(summed, tf.float64), [-1])
+    if summed.shape[0] != layout.size:
+        raise ValueError(f"the reduced state vector has {summed.shape[0]} values, the layout expects {layout.size}")
+    out: dict = {}
+    offset = 0
+    for slot in layout.slots:
+        value = summed[offset:offset + slot.size]
+        if slot.aggregation == "mean":
+            value = value / backend.num_replicas
+        dtype = tf.as_dtype(slot.dtype)
+        if dtype.is_integer or dtype.is_bool:
+            value = tf.round(value)
+        out.setdefault(slot.metric, []).append(tf.cast(tf.reshape(value, slot.shape), dtype))
+        offset += slot.size
+    return out
+
+
+def result_items(name: str, value: Any) -> dict[str, float]:
+    """Flattens one metric result to ``{name: float}``.
+
+    A scalar stays ``{name: v}``; a vector (e.g. per-class F1, several thresholds) becomes
+    ``{name_0: v0, name_1: v1, ...}``; a dict result becomes ``{name_key: v}``.
+    """
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            out.update(result_items(f"{name}_{key}", item))
+        return out
+    array = np.asarray(value, dtype=np.float64)
+    if array.size == 1:
+        return {name: float(array.reshape(()))}
+    return {f"{name}_{i}": float(v) for i, v in enumerate(array.reshape(-1))}
+
+
+def result_tensors(backend: Backend, layout: StateLayout, summed: Any) -> dict[str, Any]:
+    """``{metric name: result}`` (tensors) from the merged states; usable inside ``tf.function``.
+
+    The metrics' own variables are left untouched.
+    """
+    return {metric.name: metric.stateless_result(states)
+            for metric, states in states_from_vector(backend, layout, summed).items()}
+
+
+def results_from_vector(backend: Backend, layout: StateLayout, summed: Any) -> dict[str, float]:
+    """``{metric name: float}`` computed with ``metric.stateless_result`` from the merged states.
+
+    The metrics' own variables are left untouched. Non-scalar results are flattened by
+    :func:`result_items`.
+    """
+    return flat_results(result_tensors(backend, layout, summed))
+
+
+def flat_results(results: Mapping[str, Any]) -> dict[str, float]:
+    """Flattens ``{metric name: result}`` to floats with :func:`result_items`."""
+    out: dict[str, float] = {}
+    for name, value in results.items():
+        out.update(result_items(name, tf.nest.map_structure(np.asarray, value)))
+    return out
 
 
 def merged_states(backend: Backend, metrics: Iterable[keras.metrics.Metric]) -> dict:
@@ -34,39 +163,42 @@ def merged_states(backend: Backend, metrics: Iterable[keras.metrics.Metric]) -> 
 
     All processes must call this together (it communicates once, whatever the number of metrics).
     """
-    rows = list(_flat_local_states(backend, metrics))
-    if not rows:
+    vector, layout = pack_local_states(backend, metrics)
+    if not layout.slots:
         return {}
-    flat = [tf.reshape(tf.cast(local, tf.float64), [-1]) for _, _, _, local in rows]
-    sizes = [int(f.shape[0]) for f in flat]
-    summed = np.asarray(backend.all_reduce(tf.concat(flat, 0), "sum"))
-    first = None
-    if any(aggregation not in ("sum", "mean") for _, _, aggregation, _ in rows):
-        first = np.asarray(backend.broadcast(tf.concat(flat, 0), root=0))
-    out: dict = {}
-    offset = 0
-    for (metric, variable, aggregation, local), n in zip(rows, sizes):
-        if aggregation == "sum":
-            value = summed[offset:offset + n]
-        elif aggregation == "mean":
-            value = summed[offset:offset + n] / backend.num_replicas
-        else:
-            value = first[offset:offset + n]
-        out.setdefault(metric, []).append(
-            tf.constant(value.reshape(local.shape), dtype=variable.dtype))
-        offset += n
-    return out
+    return states_from_vector(backend, layout, backend.all_reduce(vector, "sum"))
 
 
 def merged_results(backend: Backend, metrics: Iterable[keras.metrics.Metric]) -> dict[str, float]:
-    """Returns ``{metric.name: float}`` computed from the globally merged states.
+    """Returns ``{metric.name: float}`` computed from the globally merged states (one all-reduce).
 
-    The metrics' own variables are left untouched (keep accumulating, or reset them yourself).
+    All processes must call this together. The metrics' own variables are left untouched (keep
+    accumulating, or reset them yourself). Non-scalar results are flattened by :func:`result_items`.
     """
-    results = {}
-    for metric, states in merged_states(backend, metrics).items():
-        value = metric.stateless_result(states)
-        results[metric.name] = float(np.asarray(value))
+    vector, layout = pack_local_states(backend, metrics)
+    if not layout.slots:
+        return {}
+    return results_from_vector(backend, layout, backend.all_reduce(vector, "sum"))
+
+
+def local_results(backend: Backend, metrics: Iterable[keras.metrics.Metric]) -> dict[str, float]:
+    """``{metric.name: float}`` from THIS process's replicas only (no communication).
+
+    For diagnostics and tests: the per-rank values whose average is NOT the global metric.
+    """
+    results: dict[str, float] = {}
+    for metric in metrics:
+        states = []
+        for variable in metric.variables:
+            raw = getattr(variable, "value", variable)
+            if _aggregation(variable) in _SUMMED:
+                local = backend.local_sum(raw)
+                if _aggregation(variable) == "mean":
+                    local = local / tf.cast(backend.local_replicas, local.dtype)
+            else:
+                local = tf.convert_to_tensor(backend.local_values(raw)[0])
+            states.append(tf.cast(local, variable.dtype))
+        results.update(result_items(metric.name, metric.stateless_result(states)))
     return results
 
 

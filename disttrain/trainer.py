@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -12,6 +13,7 @@ import tensorflow as tf
 
 from disttrain import data as data_lib
 from disttrain import metrics as metrics_lib
+from disttrain import step_logs
 from disttrain.backends import Backend, get_backend
 
 
@@ -28,6 +30,8 @@ class StepContext:
         self.backend = backend
         self.global_batch_size = global_batch_size
         self.num_replicas = backend.num_replicas
+        # (variable, local gradient) pairs, per replica thread, while tracing a gradient-histogram step
+        self._capture = threading.local()
 
     def average_loss(self, per_example_loss: tf.Tensor, sample_weight: tf.Tensor | None = None) -> tf.Tensor:
         """This replica's share of the mean loss over the GLOBAL batch: ``sum(loss * w) / global_batch``.
@@ -48,14 +52,41 @@ class StepContext:
 
     def apply_gradients(self, optimizer: keras.optimizers.Optimizer, grads: list, variables: list) -> None:
         """Sums ``grads`` over all replicas (once) and applies them with ``optimizer``."""
+        captured = getattr(self._capture, "pairs", None)
+        if captured is not None:
+            captured.extend((v, g) for g, v in zip(grads, variables) if g is not None)
         self.backend.apply_gradients(optimizer, grads, variables)
 
 
 class Callback:
-    """Hooks called by :meth:`Trainer.fit` on every process with the same, globally reduced, values."""
+    """Hooks called by :meth:`Trainer.fit` on every process with the same, globally reduced, values.
+
+    Callbacks that write or print should do so on ``trainer.backend.is_chief`` only.
+
+    Attributes:
+      histogram_every_steps: When > 0, :meth:`on_histograms` is called every so many train steps.
+      wants_gradients: When True (with ``histogram_every_steps``), those calls get the global gradients.
+    """
+
+    histogram_every_steps: int = 0
+    wants_gradients: bool = False
 
     def on_train_begin(self, trainer: "Trainer") -> None:
         pass
+
+    def on_train_end(self, trainer: "Trainer", logs: dict[str, float]) -> None:
+        """After the last epoch; ``logs`` are the last epoch's logs."""
+
+    def on_step_logs(self, trainer: "Trainer", step: int, logs: dict[str, float]) -> None:
+        """Every ``log_every_steps`` train steps, with the running epoch values reduced over all processes.
+
+        ``step`` is the global train step (continues across epochs); ``trainer.epoch``,
+        ``trainer.epoch_step`` and ``trainer.epoch_steps`` say where in the epoch it is.
+        """
+
+    def on_histograms(self, trainer: "Trainer", step: int, gradients: dict) -> None:
+        """Every ``histogram_every_steps`` steps; ``gradients`` maps variable paths to the global gradients
+        (summed over all replicas, i.e. what the optimizer applied) when ``wants_gradients``, else is empty."""
 
     def on_epoch_begin(self, trainer: "Trainer", epoch: int) -> None:
         pass
@@ -65,6 +96,15 @@ class Callback:
 
 
 StepFn = Callable[[StepContext, Any], Any]
+
+
+def _named_gradients(pairs: list) -> dict[str, tf.Tensor]:
+    """``{variable path: gradient}`` (a repeated variable gets a ``_<index>`` suffix)."""
+    grads: dict[str, tf.Tensor] = {}
+    for i, (variable, grad) in enumerate(pairs):
+        name = getattr(variable, "path", None) or variable.name
+        grads[name if name not in grads else f"{name}_{i}"] = tf.convert_to_tensor(grad)
+    return grads
 
 
 def _as_outputs(value: Any) -> dict[str, tf.Tensor]:
@@ -103,7 +143,11 @@ class Trainer:
       metrics: Keras metrics updated by ``train_step``; reset every epoch.
       eval_metrics: Keras metrics updated by ``eval_step``; reported with a ``val_`` prefix.
       callbacks: :class:`Callback` objects.
-      verbose: 0 silent, 1 one line per epoch (on the chief only).
+      verbose: 0 quiet, 1 one line per epoch, 2 a progress bar (always on the chief only).
+      log_every_steps: Every so many train steps, reduce the running loss, metrics, LR and throughput
+        over all processes and call the callbacks' ``on_step_logs`` (one all-reduce). 0 turns this off;
+        None (default) uses 50 when a progress bar or a callback consumes step logs, else 0. The
+        processes agree on the largest value asked for.
 
     Raises:
       ValueError: If the model has no variables yet, or model/optimizer were created outside the scope.
@@ -114,15 +158,25 @@ class Trainer:
                  backend: Backend | None = None, eval_step: StepFn | None = None,
                  metrics: Iterable[keras.metrics.Metric] | None = None,
                  eval_metrics: Iterable[keras.metrics.Metric] | None = None,
-                 callbacks: Iterable[Callback] = (), verbose: int = 1, print_fn: Callable[[str], None] | None = None):
+                 callbacks: Iterable[Callback] = (), verbose: int = 1, print_fn: Callable[[str], None] | None = None,
+                 log_every_steps: int | None = None):
         self.backend = backend or get_backend("auto")
-        self.model, self.optimizer = model, optimizer
+        self.model = model
         self._train_step, self._eval_step = train_step, eval_step
         self.metrics = metrics_lib.as_list(metrics)
         self.eval_metrics = metrics_lib.as_list(eval_metrics)
         self.callbacks = list(callbacks)
         self.verbose = verbose
         self._print = print_fn or functools.partial(print, flush=True)
+        if verbose >= 2:
+            from disttrain.progress import ProgressBar
+
+            self.callbacks.append(ProgressBar())
+        self.log_every_steps = log_every_steps
+        self.global_step = 0
+        self.epoch = self.epoch_step = self.epoch_steps = 0
+        self.global_batch_size = 0  # of the running fit (read by callbacks, e.g. LR scaling)
+        self.fit_config: dict[str, Any] = {}
         self.models = list(model) if isinstance(model, (list, tuple)) else [model]
         self.optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
         self.optimizer = self.optimizers[0]  # its learning rate is the one logged as "lr"
@@ -138,29 +192,41 @@ class Trainer:
                 raise ValueError(f"optimizer {opt.name!r} is not built; with several optimizers build each "
                                  "inside backend.scope(): optimizer.build(its_model.trainable_variables)")
             with self.backend.scope():
-                opt.build([v for m in self.models for v in m.trainable_variables])
+                opt.build(self.trainable_variables)
         self.backend.sync_initial_state([v for m in self.models for v in m.variables] +
                                         [v for o in self.optimizers for v in o.variables])
-        self._functions: dict[tuple[str, int], Callable] = {}
+        self._functions: dict[tuple, Callable] = {}
         self.history: dict[str, list[float]] = {}
         self.stop_training = False
-        self.global_batch_size: int | None = None  # of the running fit (read by callbacks, e.g. LR scaling)
+
+    @property
+    def trainable_variables(self) -> list:
+        """The trainable variables of every model."""
+        return [v for m in self.models for v in m.trainable_variables]
 
     # -- compiled steps ------------------------------------------------------------------------
-    def _function(self, kind: str, global_batch_size: int) -> Callable:
-        key = (kind, global_batch_size)
+    def _function(self, kind: str, global_batch_size: int, *, gradients: bool = False) -> Callable:
+        """The compiled step; with ``gradients`` it returns ``(outputs, {variable path: local gradient})``."""
+        key = (kind, global_batch_size, gradients)
         if key not in self._functions:
             step = self._train_step if kind == "train" else self._eval_step
             ctx = StepContext(backend=self.backend, global_batch_size=global_batch_size)
             backend = self.backend
 
             def replica_fn(batch):
-                return _as_outputs(step(ctx, batch))
+                if not gradients:
+                    return _as_outputs(step(ctx, batch))
+                ctx._capture.pairs = captured = []  # replicas may trace in parallel threads
+                try:
+                    outputs = _as_outputs(step(ctx, batch))
+                finally:
+                    ctx._capture.pairs = None
+                return outputs, _named_gradients(captured)
 
             @tf.function
             def run(iterator):
                 per_replica = backend.run(replica_fn, args=(next(iterator),))
-                return {k: backend.local_sum(v) for k, v in per_replica.items()}
+                return tf.nest.map_structure(backend.local_sum, per_replica)
 
             self._functions[key] = run
         return self._functions[key]
@@ -171,7 +237,8 @@ class Trainer:
         self._functions.clear()
 
     def _run_epoch(self, kind: str, data: Any, *, global_batch_size: int, epoch: int,
-                   steps: int | None, seed: int | None) -> tuple[dict[str, float], int, float]:
+                   steps: int | None, seed: int | None, step_logger: step_logs.StepLogger | None = None
+                   ) -> tuple[dict[str, float], int, float]:
         backend = self.backend
         context = backend.input_context(global_batch_size)
         dataset_fn = data_lib.as_dataset_fn(data, seed=seed, epoch=epoch)
@@ -187,17 +254,42 @@ class Trainer:
         iterator = iter(backend.distribute_dataset(dataset_fn, global_batch_size=global_batch_size))
         run = self._function(kind, global_batch_size)
         totals: dict[str, tf.Tensor] = {}
+        if step_logger is not None:
+            step_logger.begin_epoch(steps=steps)
         start = time.perf_counter()
-        for _ in range(steps):
-            outputs = run(iterator)
+        for i in range(steps):
+            grads = None
+            if step_logger is not None and step_logger.wants_gradients(self.global_step + 1):
+                outputs, grads = self._function(kind, global_batch_size, gradients=True)(iterator)
+            else:
+                outputs = run(iterator)
             totals = {k: totals[k] + v for k, v in outputs.items()} if totals else dict(outputs)
+            if kind == "train":
+                self.global_step += 1
+            if step_logger is not None:
+                step_logger.after_step(step=self.global_step, epoch_step=i + 1, totals=totals, gradients=grads)
         names = sorted(totals)
-        logs: dict[str, float] = {}
-        if names:
-            summed = backend.all_reduce(tf.stack([tf.cast(totals[n], tf.float64) for n in names]), "sum")
-            logs = {n: float(v) / steps for n, v in zip(names, np.asarray(summed))}
-        seconds = time.perf_counter() - start
+        # The wall time rides along in the same all-reduce: every process reports the same (mean) time.
+        local = [tf.cast(totals[n], tf.float64) for n in names]
+        local.append(tf.constant(time.perf_counter() - start, tf.float64))
+        summed = np.asarray(backend.all_reduce(tf.stack(local), "sum"))
+        logs = {n: float(v) / steps for n, v in zip(names, summed)}
+        seconds = float(summed[-1]) / backend.size
         return logs, steps, seconds
+
+    def _dispatch(self, hook: str, *args: Any) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
+    def run_config(self) -> dict[str, Any]:
+        """The run's configuration (backend, topology, optimizer, ``fit`` arguments), e.g. for a summary."""
+        backend = self.backend
+        return {"backend": backend.name, "processes": backend.size, "replicas": backend.num_replicas,
+                "model": ", ".join(m.name for m in self.models),
+                "parameters": sum(int(m.count_params()) for m in self.models),
+                "optimizer": ", ".join(type(o).__name__ for o in self.optimizers),
+                "metrics": [m.name for m in self.metrics], "eval_metrics": [m.name for m in self.eval_metrics],
+                **self.fit_config}
 
     # -- public loop ---------------------------------------------------------------------------
     def fit(self, data: Any, *, global_batch_size: int, epochs: int = 1, steps_per_epoch: int | None = None,
@@ -227,19 +319,30 @@ class Trainer:
             raise ValueError("validation_data needs an eval_step; pass eval_step=fn(ctx, batch) to Trainer")
         self.stop_training = False
         self.global_batch_size = global_batch_size
+        self.global_step = int(np.asarray(self.optimizer.iterations))
+        intervals = step_logs.agree(self.backend, step_logs.requested_intervals(
+            log_every_steps=self.log_every_steps, callbacks=self.callbacks))
+        step_logger = step_logs.StepLogger(trainer=self, intervals=intervals) if intervals.active else None
+        self.fit_config = {"global_batch_size": global_batch_size, "epochs": epochs,
+                           "steps_per_epoch": steps_per_epoch, "initial_epoch": initial_epoch,
+                           "shuffle_seed": shuffle_seed, "log_every_steps": intervals.log_every_steps,
+                           "histogram_every_steps": intervals.histogram_every_steps}
         for callback in self.callbacks:
             callback.on_train_begin(self)
+        logs: dict[str, float] = {}
         for epoch in range(initial_epoch, initial_epoch + epochs):
+            self.epoch = epoch
             for callback in self.callbacks:
                 callback.on_epoch_begin(self, epoch)
             metrics_lib.reset(self.metrics)
             lr = current_learning_rate(self.optimizer)
             logs, steps, seconds = self._run_epoch(
                 "train", data, global_batch_size=global_batch_size, epoch=epoch, steps=steps_per_epoch,
-                seed=shuffle_seed)
+                seed=shuffle_seed, step_logger=step_logger)
             logs.update(metrics_lib.merged_results(self.backend, self.metrics))
             logs["lr"] = lr
             logs["examples_per_sec"] = steps * global_batch_size / seconds
+            logs["step_time"] = seconds / steps
             if validation_data is not None:
                 val = self.evaluate(validation_data, global_batch_size=validation_batch_size or global_batch_size,
                                     steps=validation_steps)
@@ -248,12 +351,15 @@ class Trainer:
                 callback.on_epoch_end(self, epoch, logs)
             for name, value in logs.items():
                 self.history.setdefault(name, []).append(value)
-            if self.verbose and self.backend.is_chief:
-                shown = " - ".join(f"{k} {v:.4g}" for k, v in logs.items() if k != "examples_per_sec")
+            if self.verbose == 1 and self.backend.is_chief:
+                shown = " - ".join(f"{k} {v:.4g}" for k, v in logs.items()
+                                   if k not in ("examples_per_sec", "step_time"))
                 self._print(f"epoch {epoch + 1}/{initial_epoch + epochs} - {shown} - "
                             f"{seconds:.2f}s ({logs['examples_per_sec']:.0f} examples/s)")
             if self.stop_training:
                 break
+        for callback in self.callbacks:
+            callback.on_train_end(self, logs)
         return self.history
 
     def evaluate(self, data: Any, *, global_batch_size: int, steps: int | None = None) -> dict[str, float]:

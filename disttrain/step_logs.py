@@ -1,0 +1,205 @@
+"""Step-level logging: every N train steps, ONE all-reduce makes the running values global.
+
+The decision *when* to reduce is taken identically on every process (from the global step count and
+an interval agreed on by all processes when ``fit`` starts), because every process must take part in
+each collective; only what callbacks do with the values (write summaries, print) depends on the rank.
+
+At a logging step the vector ``[running output totals..., window seconds, metric states...]`` is
+summed over all processes once. Callbacks then get, on every process, identical values:
+
+  * each step output (``loss`` ...): its mean over the epoch's steps so far, summed over replicas
+    (at the epoch's last step this equals the epoch's value);
+  * each metric: computed from its globally merged state (see :mod:`disttrain.metrics`);
+  * ``lr``: the learning rate of the next step;
+  * ``examples_per_sec``: global examples per second over the steps since the last logging step;
+  * ``step_time``: seconds per step over the same window (the mean over processes).
+
+Gradient histograms work the same way: at histogram steps the trainer runs a variant of the step that
+also returns the local gradients, and one all-reduce sums them into the global gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import weakref
+from typing import TYPE_CHECKING
+
+import numpy as np
+import tensorflow as tf
+
+from disttrain import metrics as metrics_lib
+
+if TYPE_CHECKING:  # pragma: no cover
+    from disttrain.trainer import Trainer
+
+#: Logging interval used when something consumes step logs and the trainer was given none.
+DEFAULT_LOG_EVERY_STEPS = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class Intervals:
+    """The step intervals every process agreed on (0 = off)."""
+
+    log_every_steps: int
+    histogram_every_steps: int
+    gradients: bool
+
+    @property
+    def active(self) -> bool:
+        return bool(self.log_every_steps or self.histogram_every_steps)
+
+
+def requested_intervals(*, log_every_steps: int | None, callbacks: list) -> tuple[int, int, bool]:
+    """What this process asks for: ``(log_every_steps, histogram_every_steps, wants_gradients)``.
+
+    Args:
+      log_every_steps: The trainer's argument; None picks :data:`DEFAULT_LOG_EVERY_STEPS` when a
+        callback consumes step logs (overrides ``on_step_logs``, like the progress bar), else 0.
+      callbacks: The trainer's callbacks.
+
+    Raises:
+      ValueError: For a negative interval.
+    """
+    from disttrain.trainer import Callback
+
+    if log_every_steps is None:
+        consumers = any(type(c).on_step_logs is not Callback.on_step_logs for c in callbacks)
+        log_every_steps = DEFAULT_LOG_EVERY_STEPS if consumers else 0
+    histogram = 0
+    gradients = False
+    for callback in callbacks:
+        every = int(getattr(callback, "histogram_every_steps", 0) or 0)
+        if every < 0:
+            raise ValueError(f"{type(callback).__name__}.histogram_every_steps={every} must be >= 0")
+        if every:
+            histogram = math.gcd(histogram, every)
+            gradients = gradients or bool(getattr(callback, "wants_gradients", False))
+    if int(log_every_steps) < 0:
+        raise ValueError(f"log_every_steps={log_every_steps} must be >= 0 (0 turns step logs off)")
+    return int(log_every_steps), histogram, gradients
+
+
+def agree(backend, requested: tuple[int, int, bool]) -> Intervals:
+    """Makes every process use the same intervals: the largest any process asked for (one all-reduce).
+
+    A process whose callbacks ask for nothing (e.g. TensorBoard created on the chief only) still
+    takes part in every logging all-reduce, so the collectives never deadlock.
+    """
+    log_every, histogram, gradients = requested
+    agreed = backend.all_reduce(np.array([log_every, histogram, int(gradients)], np.int64), "max")
+    return Intervals(log_every_steps=int(agreed[0]), histogram_every_steps=int(agreed[1]),
+                     gradients=bool(agreed[2]) and int(agreed[1]) > 0)
+
+
+class StepLogger:
+    """Reduces running values at agreed steps and hands them to the callbacks (one per ``fit``).
+
+    Args:
+      trainer: The trainer; its ``backend``, ``metrics``, ``optimizer`` and ``callbacks`` are used.
+      intervals: From :func:`agree`.
+    """
+
+    def __init__(self, *, trainer: "Trainer", intervals: Intervals):
+        self.trainer = trainer
+        self.intervals = intervals
+        self._last = time.perf_counter()
+        self._last_step = 0
+        self._layout, self._pack, self._results = _compiled(trainer)
+
+    def begin_epoch(self, *, steps: int) -> None:
+        """Starts the timing window; call just before an epoch's first step."""
+        self.trainer.epoch_steps = steps
+        self.trainer.epoch_step = 0
+        self._last = time.perf_counter()
+        self._last_step = 0
+
+    def wants_gradients(self, step: int) -> bool:
+        """Whether global step ``step`` (1-based, the step about to run) must return its gradients."""
+        every = self.intervals.histogram_every_steps
+        return self.intervals.gradients and every > 0 and step % every == 0
+
+    def after_step(self, *, step: int, epoch_step: int, totals: dict[str, tf.Tensor],
+                   gradients: dict[str, tf.Tensor] | None = None) -> None:
+        """Called on every process after every train step; communicates only at agreed steps.
+
+        Args:
+          step: Global step number just completed (1-based, continues across epochs).
+          epoch_step: Steps completed in this epoch (1-based).
+          totals: Running sums over this epoch of each step output, over this process's replicas.
+          gradients: ``{variable name: local gradient sum}`` on gradient steps, else None.
+        """
+        trainer = self.trainer
+        trainer.epoch_step = epoch_step
+        log_every, hist_every = self.intervals.log_every_steps, self.intervals.histogram_every_steps
+        if log_every and step % log_every == 0:
+            trainer._dispatch("on_step_logs", step, self._reduce(epoch_step=epoch_step, totals=totals))
+        if hist_every and step % hist_every == 0:
+            global_grads = {}
+            if gradients:
+                global_grads = _all_reduce_structure(trainer.backend, gradients)
+            trainer._dispatch("on_histograms", step, global_grads)
+
+    def _reduce(self, *, epoch_step: int, totals: dict[str, tf.Tensor]) -> dict[str, float]:
+        trainer, backend = self.trainer, self.trainer.backend
+        now = time.perf_counter()
+        window_steps = epoch_step - self._last_step
+        elapsed = now - self._last
+        names = sorted(totals)
+        local = self._pack([totals[n] for n in names], tf.constant(elapsed, tf.float64))
+        summed = backend.all_reduce(local, "sum")
+        values = np.asarray(summed)
+        logs = {n: float(v) / epoch_step for n, v in zip(names, values[:len(names)])}
+        if self._layout.slots:
+            logs.update(metrics_lib.flat_results(self._results(summed[len(names) + 1:])))
+        from disttrain.trainer import current_learning_rate
+
+        logs["lr"] = current_learning_rate(trainer.optimizer)
+        seconds = float(summed[len(names)]) / backend.size
+        if window_steps > 0 and seconds > 0:
+            logs["examples_per_sec"] = window_steps * trainer.global_batch_size / seconds
+            logs["step_time"] = seconds / window_steps
+        self._last, self._last_step = time.perf_counter(), epoch_step
+        return logs
+
+
+_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _compiled(trainer: "Trainer") -> tuple:
+    """``(layout, pack, results)`` for the trainer's metrics, compiled once per trainer and metric list.
+
+    Packing the states and computing the results are many small ops: compiled, each is one call.
+    """
+    backend, metrics = trainer.backend, list(trainer.metrics)
+    cached = _COMPILED.get(trainer)
+    if cached is not None and cached[0] == [id(m) for m in metrics]:
+        return cached[1]
+    _, layout = metrics_lib.pack_local_states(backend, metrics)
+
+    @tf.function
+    def pack(totals: list, elapsed: tf.Tensor) -> tf.Tensor:
+        head = [tf.cast(t, tf.float64) for t in totals] + [elapsed]
+        return tf.concat([tf.stack(head), metrics_lib.pack_local_states(backend, metrics)[0]], 0)
+
+    @tf.function
+    def results(summed: tf.Tensor) -> dict:
+        return metrics_lib.result_tensors(backend, layout, summed)
+
+    _COMPILED[trainer] = ([id(m) for m in metrics], (layout, pack, results))
+    return layout, pack, results
+
+
+def _all_reduce_structure(backend, values: dict[str, tf.Tensor]) -> dict[str, np.ndarray]:
+    """Sums a dict of tensors over all processes with one all-reduce; returns numpy arrays."""
+    names = list(values)
+    flat = [tf.reshape(tf.cast(tf.convert_to_tensor(values[n]), tf.float32), [-1]) for n in names]
+    summed = np.asarray(backend.all_reduce(tf.concat(flat, 0), "sum"))
+    out, offset = {}, 0
+    for name, f in zip(names, flat):
+        n = int(f.shape[0])
+        out[name] = summed[offset:offset + n].reshape(tf.convert_to_tensor(values[name]).shape)
+        offset += n
+    return out
+
