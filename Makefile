@@ -18,6 +18,7 @@ demo: setup
 	$(VENV)/bin/horovodrun -np 2 -H localhost:2 --gloo $(PY) examples/digits.py --backend horovod
 	@echo "== disttrain demo 2/2: MirroredStrategy on 2 logical CPU devices"
 	$(PY) examples/digits.py --backend mirrored --cpu-replicas 2
+	@echo "== TensorBoard logs of both runs are under runs/: $(VENV)/bin/tensorboard --logdir runs"
 
 test: setup
 	$(PY) -m pytest -q

@@ -10,6 +10,7 @@ accuracy.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import disttrain as dt
@@ -22,6 +23,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--global-batch", type=int, default=64)
     parser.add_argument("--learning-rate", type=float, default=0.005)
+    parser.add_argument("--logdir", default="runs", help="TensorBoard logs go to LOGDIR/digits-<backend>")
+    parser.add_argument("--progress", action="store_true", help="a progress bar instead of one line per epoch")
     parser.add_argument("--min-accuracy", type=float, default=0.9,
                         help="exit with status 1 if the final validation accuracy is below this")
     return parser.parse_args(argv)
@@ -77,8 +80,14 @@ def main(argv=None) -> int:
         val_accuracy.update_state(labels, logits)
         return ctx.average_loss(per_example(labels, logits))
 
+    # Created on every rank; only the chief writes (event files, metrics.jsonl) or prints.
+    tensorboard = dt.TensorBoard(logdir=dt.summaries.run_dir(args.logdir, f"digits-{backend.name}"),
+                                 histogram_every_steps=100, config=vars(args))
+    metrics_log = dt.JsonLinesLogger(os.path.join(tensorboard.logdir, "metrics.jsonl"))
     trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=train_step, eval_step=eval_step,
-                         backend=backend, metrics=[accuracy], eval_metrics=[val_accuracy])
+                         backend=backend, metrics=[accuracy], eval_metrics=[val_accuracy],
+                         callbacks=[tensorboard, metrics_log], log_every_steps=10,
+                         verbose=2 if args.progress else 1)
     if backend.is_chief:
         print(f"disttrain demo: digits on {backend.describe()}", flush=True)
     history = trainer.fit(train, global_batch_size=args.global_batch, epochs=args.epochs, shuffle_seed=0,
@@ -87,6 +96,7 @@ def main(argv=None) -> int:
     if backend.is_chief:
         verdict = "ok" if final >= args.min_accuracy else f"BELOW the required {args.min_accuracy:.0%}"
         print(f"final validation accuracy {final:.2%} ({verdict})", flush=True)
+        print(f"view the curves: {tensorboard.command}", flush=True)
     return 0 if final >= args.min_accuracy else 1
 
 
