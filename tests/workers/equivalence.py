@@ -1,18 +1,12 @@
 """Trains the same model with SGD and with Adam for 20 steps and saves each rank's final weights."""
 
-import argparse
 import json
 import os
 
 import disttrain as dt
+import worker_args
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--backend", default="auto")
-parser.add_argument("--cpu-replicas", type=int, default=None)
-parser.add_argument("--out", required=True)
-args = parser.parse_args()
-
-backend = dt.get_backend(args.backend, cpu_replicas=args.cpu_replicas)
+args, backend = worker_args.start()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

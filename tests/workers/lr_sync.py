@@ -6,19 +6,13 @@ Three configurations run in one launch (float LR, schedule-valued LR, controller
 a fresh model; the per-rank results go to ``<out>/rank<r>.json``.
 """
 
-import argparse
 import json
 import os
 
 import disttrain as dt
+import worker_args
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--backend", default="auto")
-parser.add_argument("--cpu-replicas", type=int, default=None)
-parser.add_argument("--out", required=True)
-args = parser.parse_args()
-
-backend = dt.get_backend(args.backend, cpu_replicas=args.cpu_replicas)
+args, backend = worker_args.start()
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402

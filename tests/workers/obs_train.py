@@ -8,22 +8,15 @@ compare TensorBoard's files with the globally reduced values. Every rank works i
 test checks it stays empty) and the chief writes the summaries to ``<out>/tb``.
 """
 
-import argparse
 import json
 import os
 
 import disttrain as dt
+import worker_args
 
-parser = argparse.ArgumentParser()
-parser.add_argument("--backend", default="auto")
-parser.add_argument("--cpu-replicas", type=int, default=None)
-parser.add_argument("--out", required=True)
-parser.add_argument("--chief-only-callbacks", action="store_true",
-                    help="create TensorBoard/JsonLinesLogger on the chief only (the trainer must still agree "
-                         "on the histogram steps with the other processes)")
-args = parser.parse_args()
-
-backend = dt.get_backend(args.backend, cpu_replicas=args.cpu_replicas)
+args, backend = worker_args.start((("--chief-only-callbacks",), dict(
+    action="store_true", help="create TensorBoard/JsonLinesLogger on the chief only (the trainer must still "
+                              "agree on the histogram steps with the other processes)")))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
