@@ -27,5 +27,6 @@ def test_collectives(launcher, backend, size, tmp_path):
         assert res["broadcast_tensor"] == [7.0, 7.0, 7.0]
         assert res["broadcast_from_last"] == 3 * (size - 1)
         assert res["types"]["sum_int"] == "int" and res["types"]["mean_float"] == "float"
+        assert res["markers_after_barrier"] == [f"marker{k}" for k in ranks if k != 0]
         assert "median" in res["bad_op"] and "sum, mean, max, min" in res["bad_op"]
     assert results[0]["replicas"] == (2 if launcher == "mirrored" else size)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import time
 
 import worker_args
 
@@ -26,7 +27,12 @@ result = {
 }
 types = {k: type(v).__name__ for k, v in result.items()}
 result["types"] = types
+# barrier: every other rank writes its marker late; after the barrier rank 0 must see them all
+if r != 0:
+    time.sleep(1.0)
+    open(os.path.join(args.out, f"marker{r}"), "w").close()
 backend.barrier()
+result["markers_after_barrier"] = sorted(f for f in os.listdir(args.out) if f.startswith("marker"))
 try:
     backend.all_reduce(1, "median")
 except ValueError as err:
