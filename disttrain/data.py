@@ -567,15 +567,35 @@ class EpochInput:
 
     def next_agreed(self) -> Any | None:
         """The next step input, or None (on every process) once any process has run out of data or
-        ``max_steps`` were taken. One all-reduce per call."""
+        ``max_steps`` were taken. One all-reduce per call.
+
+        The pipelines are made endless by :func:`_with_end_flag`: each element says whether it is real
+        data, so a process that ran out still answers (a tf.distribute iterator would otherwise hand it
+        empty batches while the others continue, and a Horovod rank would stop and leave its peers
+        waiting in a collective).
+        """
         if self.max_steps is not None and self._taken >= self.max_steps:
             return None
-        optional = self.iterator.get_next_as_optional()
-        have = self.backend.all_reduce(int(bool(optional.has_value())), "min")
-        if not have:
+        batch, real = next(self.iterator)
+        local = all(bool(np.asarray(v)) for v in self.backend.local_values(real))
+        if not self.backend.all_reduce(int(local), "min"):
             return None
         self._taken += 1
-        return optional.get_value()
+        return batch
+
+
+def _with_end_flag(dataset: tf.data.Dataset) -> tf.data.Dataset:
+    """``(element, True)`` for every element of ``dataset``, then ``(filler, False)`` forever."""
+    def filler(s: tf.TensorSpec) -> tf.Tensor:
+        if s.shape.rank is None:
+            raise ValueError(f"cannot agree on the steps of a pipeline whose elements have unknown rank ({s}); "
+                             "give its elements a known shape or pass steps_per_epoch with a repeating dataset")
+        return tf.zeros([d if d is not None else 0 for d in s.shape.as_list()], s.dtype)
+
+    end = tf.data.Dataset.from_tensors((tf.nest.map_structure(filler, dataset.element_spec),
+                                        tf.constant(False))).repeat()
+    real = dataset.map(lambda *b: (b[0] if len(b) == 1 else b, tf.constant(True)))
+    return real.concatenate(end).with_options(pipeline_options())
 
 
 def epoch_input(backend: Backend, data: Any, *, global_batch_size: int, epoch: int = 0, seed: int | None = None,
@@ -622,7 +642,8 @@ def epoch_input(backend: Backend, data: Any, *, global_batch_size: int, epoch: i
             raise ValueError("remainder='pad' needs pipelines of known length; the dataset's cardinality is "
                              "unknown (e.g. after filter()): use remainder='drop', or set it with "
                              "dataset.apply(tf.data.experimental.assert_cardinality(n))")
-        iterator = iter(backend.distribute_dataset(build, global_batch_size=global_batch_size))
+        iterator = iter(backend.distribute_dataset(lambda ctx: _with_end_flag(build(ctx)),
+                                                   global_batch_size=global_batch_size))
         return EpochInput(backend=backend, iterator=iterator, steps=None, max_steps=steps)
     available = highest if padded else lowest
     if available >= _BIG and steps is None:
