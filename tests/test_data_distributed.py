@@ -38,7 +38,8 @@ def shards(tmp_path_factory):
 
 
 def launch(backend, shards, tmp_path):
-    run(backend, SCRIPT, ["--out", str(tmp_path), "--shards", str(shards)], timeout=300)
+    # The launcher's hard timeout (a hang fails here and kills every worker) stays below pytest's.
+    run(backend, SCRIPT, ["--out", str(tmp_path), "--shards", str(shards)], timeout=240)
     ranks = 1 if backend == "mirrored" else 2
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ranks)]
     assert all(r["replicas"] == 2 for r in results), results
@@ -50,6 +51,7 @@ def exactly_once(counts, n):
     return counts[:n].tolist() == [1] * n and not counts[n:].any()
 
 
+@pytest.mark.timeout(400)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_example_once_per_epoch_and_uneven_shards_end_together(backend, shards, tmp_path):
     results = launch(backend, shards, tmp_path)
