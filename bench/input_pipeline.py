@@ -34,9 +34,10 @@ MODES = ("input", "cached", "end_to_end")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--np", type=int, default=2, help="Horovod ranks (local processes)")
-    p.add_argument("--examples", type=int, default=24576, help="examples in the shards")
+    p.add_argument("--examples", type=int, default=16384, help="examples in the shards")
     p.add_argument("--shards", type=int, default=8, help="TFRecord files")
     p.add_argument("--features", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=1024, help="width of the MLP's two hidden layers")
     p.add_argument("--global-batch", type=int, default=512)
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions of the three measurements")
     p.add_argument("--timeout", type=float, default=900)
@@ -61,8 +62,8 @@ def worker(args) -> None:
     gb = args.global_batch
     with backend.scope():
         keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input(shape=(args.features,)), keras.layers.Dense(256, activation="relu"),
-                                  keras.layers.Dense(256, activation="relu"), keras.layers.Dense(1)])
+        model = keras.Sequential([keras.Input(shape=(args.features,)), keras.layers.Dense(args.hidden, activation="relu"),
+                                  keras.layers.Dense(args.hidden, activation="relu"), keras.layers.Dense(1)])
         optimizer = keras.optimizers.SGD(0.01)
 
     def train_step(ctx, batch):
@@ -135,7 +136,8 @@ def main(argv=None) -> int:
         horovodrun = str(Path(sys.executable).parent / "horovodrun")
         cmd = [horovodrun, "-np", str(args.np), "-H", f"localhost:{args.np}", "--gloo", sys.executable,
                os.path.abspath(__file__), "--worker", "--data", tmp, "--out", out,
-               "--global-batch", str(args.global_batch), "--features", str(args.features), "--reps", str(args.reps)]
+               "--global-batch", str(args.global_batch), "--features", str(args.features), "--reps", str(args.reps),
+               "--hidden", str(args.hidden)]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
         if proc.returncode != 0 or not os.path.exists(out):
             sys.stderr.write(f"benchmark failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n"
@@ -163,7 +165,8 @@ def report(args, result: dict, argv) -> str:
         "",
         f"{result['ranks']} ranks (local processes, 1 thread each), {args.examples} examples in {args.shards} "
         f"TFRecord shards written by `write_shards`, file sharding, shuffled, global batch {args.global_batch} "
-        f"({result['steps']} steps an epoch), MLP {args.features}-256-256-1, TensorFlow {result['tf']}. "
+        f"({result['steps']} steps an epoch), MLP {args.features}-{args.hidden}-{args.hidden}-1, "
+        f"TensorFlow {result['tf']}. "
         f"{args.reps} interleaved repetitions; global examples/s, median (all repetitions in brackets).",
         "",
         "| measurement | examples/s (median) | repetitions |",

@@ -378,6 +378,14 @@ def _read_files(files: Sequence[str], reader: Callable, *, cycle_length: int, to
     return stream
 
 
+def _file_share(num_files: int, context: InputContext, *, seed: int | None, epoch: int) -> list[int]:
+    """Indices of the files pipeline ``context.input_pipeline_id`` reads in ``epoch``."""
+    order = np.arange(num_files)
+    if seed is not None:
+        order = np.random.default_rng(epoch_seed(seed, epoch)).permutation(num_files)
+    return [int(i) for i in order[context.input_pipeline_id::context.num_input_pipelines]]
+
+
 def file_sharded(files: Sequence[str], context: InputContext, *, reader: Callable[[str], tf.data.Dataset] | None = None,
                  decode_batch: Callable | None = None, counts: Sequence[int] | None = None,
                  seed: int | None = None, epoch: int = 0, shuffle_buffer: int | None = None,
@@ -410,10 +418,7 @@ def file_sharded(files: Sequence[str], context: InputContext, *, reader: Callabl
                          "or use sharding='elements'")
     reader = reader or tf.data.TFRecordDataset
     counts = list(counts) if counts is not None else count_records(files, reader)
-    order = np.arange(len(files))
-    if seed is not None:
-        order = np.random.default_rng(epoch_seed(seed, epoch)).permutation(len(files))
-    mine = [int(i) for i in order[context.input_pipeline_id::pipelines]]
+    mine = _file_share(len(files), context, seed=seed, epoch=epoch)
     size = sum(counts[i] for i in mine)
     chunks = _read_files([files[i] for i in mine], reader, cycle_length=cycle_length, total=size, chunked=True)
     return _local_stream(chunks, context, size=size, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer,
@@ -469,6 +474,34 @@ class Source:
                 f"{context.num_input_pipelines} shards to shard by file.", stacklevel=3)
             return "elements"
         return "files"
+
+    def local_steps(self, context: InputContext, *, seed: int | None = None, epoch: int = 0,
+                    remainder: str = "drop") -> int | None:
+        """Steps :meth:`build` gives for ``context``, from the known lengths, without building it.
+
+        Returns None when the length is unknown (then build the dataset and ask its cardinality), and
+        a huge number for an infinite dataset.
+        """
+        mode = self.mode(context)
+        if self.files is None:
+            size = int(self.dataset.cardinality())
+        elif self.counts is None:
+            return None
+        elif mode == "files":
+            size = sum(self.counts[i] for i in _file_share(len(self.files), context, seed=seed, epoch=epoch))
+        else:
+            size = sum(self.counts)
+        if size == tf.data.INFINITE_CARDINALITY:
+            return _BIG
+        if size < 0:
+            return None
+        total = sum(self.counts) if self.files is not None else size
+        if remainder == "drop" and mode != "off" and total < context.global_batch_size:
+            raise ValueError(f"global batch {context.global_batch_size} is larger than the dataset ({total} "
+                             f"examples); use a global batch of at most {total}, or remainder='pad'")
+        batch = context.global_batch_size if mode == "elements" else (
+            context.per_replica_batch_size * context.replicas_per_pipeline)
+        return size // batch if remainder == "drop" else -(-size // batch)
 
     def build(self, context: InputContext, *, seed: int | None = None, epoch: int = 0, remainder: str = "drop",
               pad_to_steps: int | None = None) -> tf.data.Dataset:
@@ -665,7 +698,9 @@ def epoch_input(backend: Backend, data: Any, *, global_batch_size: int, epoch: i
         def build(ctx, pad_to_steps=None):
             return source.build(ctx, seed=seed, epoch=epoch, remainder=remainder, pad_to_steps=pad_to_steps)
 
-        local = _local_steps(build(context), context)
+        local = source.local_steps(context, seed=seed, epoch=epoch, remainder=remainder)
+        if local is None:
+            local = _local_steps(build(context), context)
         padded = remainder == "pad"
     # One all-reduce: min of [-unknown, steps, -steps] = [-any unknown, min steps, -max steps].
     agreed = backend.all_reduce(np.array([-(local is None), local or 0 if local is not None else _BIG,

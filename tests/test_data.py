@@ -348,3 +348,25 @@ def test_fit_on_shard_files(single, tmp_path):
     files = D.write_shards(tf.data.Dataset.from_tensor_slices((x, y)), tmp_path, num_shards=3)
     trainer.fit(files, global_batch_size=8, shuffle_seed=1, epochs=2)
     assert int(trainer.optimizer.iterations) == 10
+
+
+@pytest.mark.parametrize("remainder", ["drop", "pad"])
+def test_local_steps_without_building_match_the_built_pipelines(shard_dir, remainder):
+    _, files = shard_dir
+    sources = [D.from_files(files), D.from_files(files[:1]), D.from_dataset(examples(45)),
+               D.from_dataset(examples(45), sharding="off"), D.from_files(files, sharding="off")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for source in sources:
+            for pipelines, local in [(1, 1), (2, 1), (2, 2), (3, 1)]:
+                for p in range(pipelines):
+                    for epoch in range(3):
+                        ctx = context(pipelines, p, local, 4 * pipelines * local)
+                        try:
+                            built = source.build(ctx, seed=2, epoch=epoch, remainder=remainder)
+                        except ValueError as err:  # e.g. a global batch larger than the dataset
+                            with pytest.raises(ValueError, match=str(err)[:30]):
+                                source.local_steps(ctx, seed=2, epoch=epoch, remainder=remainder)
+                            continue
+                        want = int(built.cardinality()) // local
+                        assert source.local_steps(ctx, seed=2, epoch=epoch, remainder=remainder) == want
