@@ -253,11 +253,11 @@ def _finish(step_batches: tf.data.Dataset, context: InputContext, *, pad_to_step
 
 
 def _shuffled(stream: tf.data.Dataset, *, seed: int | None, epoch: int, buffer: int | None,
-              size: int, salt: int = 0) -> tf.data.Dataset:
+              size: int) -> tf.data.Dataset:
     if seed is None:
         return stream
     buffer = buffer or (size if size > 0 else 10_000)
-    return stream.shuffle(buffer, seed=(epoch_seed(seed, epoch) + 7919 * salt) % (2**63 - 1),
+    return stream.shuffle(buffer, seed=epoch_seed(seed, epoch),
                           reshuffle_each_iteration=False)
 
 
@@ -403,7 +403,9 @@ def file_sharded(files: Sequence[str], context: InputContext, *, reader: Callabl
       reader: ``path -> dataset`` of one file's records or examples (default ``tf.data.TFRecordDataset``).
       decode_batch: Function from a batch of records to a batch of examples (vectorised parsing).
       counts: Elements per file, for a pipeline of known length (default: counted once and cached).
-      seed, epoch, shuffle_buffer, remainder, pad_to_steps: As in :func:`element_sharded`.
+      seed, epoch, remainder, pad_to_steps: As in :func:`element_sharded`.
+      shuffle_buffer: Examples shuffled together, as one window (default this pipeline's whole share,
+        at most 16384); windows are read in turn, so memory stays bounded.
       cycle_length: Files read at once by each pipeline.
 
     Raises:
@@ -439,7 +441,9 @@ class Source:
       counts: Elements per file, when known.
       element_spec: Spec of one decoded example, when known.
       sharding: ``files``, ``elements`` or ``off`` (``auto`` is resolved per input context).
-      shuffle_buffer: Shuffle buffer (default: the whole shard, at most 10000 when unknown).
+      shuffle_buffer: Element sharding: shuffle buffer (default the whole stream when its size is known,
+        else 10000). File sharding and off: shuffle window of each pipeline (default its whole share,
+        at most 16384).
       cycle_length: Files read at once.
     """
 
@@ -562,7 +566,8 @@ def from_files(files: Sequence[str | os.PathLike] | str | os.PathLike, *, shardi
         its records when ``decode_batch`` is given. Default: TFRecord shards written by ``write_shards``.
       decode_batch: Batch of records -> batch of examples (e.g. ``tf.io.parse_example`` with your
         features). Default for ``write_shards`` files: decoded from the manifest.
-      shuffle_buffer: Examples in each pipeline's shuffle buffer (default its whole share).
+      shuffle_buffer: Examples each pipeline shuffles together (a window; default its whole share, at
+        most 16384). With ``sharding="elements"``: the shuffle buffer of the common stream.
       cycle_length: Files each pipeline reads at once (interleaved in parallel).
 
     Raises:
