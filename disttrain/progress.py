@@ -82,10 +82,10 @@ class ProgressBar(Callback):
         if not trainer.backend.is_chief:
             return
         done, total = trainer.epoch_step, trainer.epoch_steps
-        if done >= total:  # the epoch line follows at once
+        if total is not None and done >= total:  # the epoch line follows at once
             return
-        self._write(f"epoch {trainer.epoch + 1}/{self._epochs} {done}/{total} {self._bar(done, total)} "
-                    f"{format_logs(logs)}", final=False)
+        where = f"{done}/{total} {self._bar(done, total)}" if total else f"{done}/?"  # None: unknown length
+        self._write(f"epoch {trainer.epoch + 1}/{self._epochs} {where} {format_logs(logs)}", final=False)
 
     def on_epoch_end(self, trainer, epoch: int, logs: dict[str, float]) -> None:
         if not trainer.backend.is_chief:

@@ -228,7 +228,12 @@ class Trainer:
                 per_replica = backend.run(replica_fn, args=(next(iterator),))
                 return tf.nest.map_structure(backend.local_sum, per_replica)
 
-            self._functions[key] = run
+            @tf.function
+            def run_batch(batch):  # for pipelines of unknown length: the batch was fetched and agreed on
+                per_replica = backend.run(replica_fn, args=(batch,))
+                return tf.nest.map_structure(backend.local_sum, per_replica)
+
+            self._functions[key] = (run, run_batch)
         return self._functions[key]
 
     def reset_compiled_steps(self) -> None:
@@ -237,37 +242,40 @@ class Trainer:
         self._functions.clear()
 
     def _run_epoch(self, kind: str, data: Any, *, global_batch_size: int, epoch: int,
-                   steps: int | None, seed: int | None, step_logger: step_logs.StepLogger | None = None
+                   steps: int | None, seed: int | None, remainder: str = "drop",
+                   step_logger: step_logs.StepLogger | None = None
                    ) -> tuple[dict[str, float], int, float]:
         backend = self.backend
-        context = backend.input_context(global_batch_size)
-        dataset_fn = data_lib.as_dataset_fn(data, seed=seed, epoch=epoch)
-        if steps is None:
-            steps = data_lib.steps_in(dataset_fn(context), context)
-            if steps is None:
-                raise ValueError("the dataset's size is unknown or infinite; pass steps_per_epoch "
-                                 "(or validation_steps) to say how many steps make an epoch")
-        steps = backend.all_reduce(int(steps), "min")  # every process runs the same number of steps
-        if steps <= 0:
-            raise ValueError(f"an epoch has 0 steps of global batch {global_batch_size}; "
-                             "use a smaller global batch or more data")
-        iterator = iter(backend.distribute_dataset(dataset_fn, global_batch_size=global_batch_size))
-        run = self._function(kind, global_batch_size)
+        # Every process runs the same number of steps (agreed through the backend's all-reduce).
+        epoch_input = data_lib.epoch_input(backend, data, global_batch_size=global_batch_size, epoch=epoch,
+                                           seed=seed, steps=steps, remainder=remainder)
         totals: dict[str, tf.Tensor] = {}
-        if step_logger is not None:
-            step_logger.begin_epoch(steps=steps)
+        if step_logger is not None:  # with unknown lengths, steps_per_epoch is the best guess of the total
+            step_logger.begin_epoch(steps=epoch_input.steps or epoch_input.max_steps)
         start = time.perf_counter()
-        for i in range(steps):
-            grads = None
-            if step_logger is not None and step_logger.wants_gradients(self.global_step + 1):
-                outputs, grads = self._function(kind, global_batch_size, gradients=True)(iterator)
+        steps = 0
+        while epoch_input.steps is None or steps < epoch_input.steps:
+            wants_gradients = step_logger is not None and step_logger.wants_gradients(self.global_step + 1)
+            run, run_batch = self._function(kind, global_batch_size, gradients=wants_gradients)
+            if epoch_input.steps is None:  # unknown length: the processes agree on every batch
+                batch = epoch_input.next_agreed()
+                if batch is None:
+                    break
+                result = run_batch(batch)
             else:
-                outputs = run(iterator)
+                result = run(epoch_input.iterator)
+            outputs, grads = result if wants_gradients else (result, None)
+            steps += 1
             totals = {k: totals[k] + v for k, v in outputs.items()} if totals else dict(outputs)
             if kind == "train":
                 self.global_step += 1
             if step_logger is not None:
-                step_logger.after_step(step=self.global_step, epoch_step=i + 1, totals=totals, gradients=grads)
+                step_logger.after_step(step=self.global_step, epoch_step=steps, totals=totals, gradients=grads)
+        if steps == 0:
+            raise ValueError(f"an epoch has 0 steps of global batch {global_batch_size}; "
+                             "use a smaller global batch or more data")
+        if kind == "train":
+            self.epoch_steps = steps
         names = sorted(totals)
         # The wall time rides along in the same all-reduce: every process reports the same (mean) time.
         local = [tf.cast(totals[n], tf.float64) for n in names]
@@ -295,11 +303,12 @@ class Trainer:
     def fit(self, data: Any, *, global_batch_size: int, epochs: int = 1, steps_per_epoch: int | None = None,
             shuffle_seed: int | None = None, validation_data: Any = None,
             validation_batch_size: int | None = None, validation_steps: int | None = None,
-            initial_epoch: int = 0) -> dict[str, list[float]]:
+            initial_epoch: int = 0, remainder: str = "drop") -> dict[str, list[float]]:
         """Trains for ``epochs`` epochs and returns the history ``{name: [value per epoch]}``.
 
         Args:
-          data: A ``tf.data.Dataset`` of unbatched examples (split exactly over the replicas), or
+          data: A ``tf.data.Dataset`` of unbatched examples (split exactly over the replicas), a list of
+            shard files or a ``disttrain.data`` source (see ``disttrain.data.from_files``), or
             ``fn(input_context) -> dataset of per-replica batches``.
           global_batch_size: Examples per step over all replicas; must divide by the replica count.
           epochs: Epochs to run (counting from ``initial_epoch``).
@@ -309,12 +318,15 @@ class Trainer:
           validation_batch_size: Global batch for validation (default ``global_batch_size``).
           validation_steps: Steps per validation (default one pass).
           initial_epoch: First epoch's number (for resuming).
+          remainder: The last partial batch of an epoch: ``"drop"`` it, or ``"pad"`` it with masked
+            examples (each batch then carries a ``mask``, see ``disttrain.data``). Validation always pads.
 
         Raises:
-          ValueError: For a global batch that does not split over the replicas, or an epoch of unknown
-            length without ``steps_per_epoch``.
+          ValueError: For a global batch that does not split over the replicas, an infinite dataset
+            without ``steps_per_epoch``, or examples that are batched or do not fit the model.
         """
         self.backend.input_context(global_batch_size)  # validates the batch before anything runs
+        data_lib.check_data(data, model=self.model)
         if validation_data is not None and self._eval_step is None:
             raise ValueError("validation_data needs an eval_step; pass eval_step=fn(ctx, batch) to Trainer")
         self.stop_training = False
@@ -338,7 +350,7 @@ class Trainer:
             lr = current_learning_rate(self.optimizer)
             logs, steps, seconds = self._run_epoch(
                 "train", data, global_batch_size=global_batch_size, epoch=epoch, steps=steps_per_epoch,
-                seed=shuffle_seed, step_logger=step_logger)
+                seed=shuffle_seed, remainder=remainder, step_logger=step_logger)
             logs.update(metrics_lib.merged_results(self.backend, self.metrics))
             logs["lr"] = lr
             logs["examples_per_sec"] = steps * global_batch_size / seconds
@@ -362,16 +374,28 @@ class Trainer:
             callback.on_train_end(self, logs)
         return self.history
 
-    def evaluate(self, data: Any, *, global_batch_size: int, steps: int | None = None) -> dict[str, float]:
+    def evaluate(self, data: Any, *, global_batch_size: int, steps: int | None = None,
+                 remainder: str = "pad") -> dict[str, float]:
         """Runs ``eval_step`` over ``data`` and returns globally reduced values and ``eval_metrics``.
 
+        With ``remainder="pad"`` (the default) every example is evaluated exactly once: the last batch is
+        padded with masked examples and each batch carries a ``mask`` (see ``disttrain.data``). Metrics
+        updated with ``sample_weight=mask`` are then exact; returned step values are averaged per step.
+
+        Args:
+          data: As for :meth:`fit`.
+          global_batch_size: Examples per step over all replicas.
+          steps: Steps to run (default one pass; required for infinite datasets).
+          remainder: ``"pad"`` (exact) or ``"drop"``.
+
         Raises:
-          ValueError: If the trainer has no ``eval_step``.
+          ValueError: If the trainer has no ``eval_step``, or for bad input as in :meth:`fit`.
         """
         if self._eval_step is None:
             raise ValueError("evaluate needs an eval_step; pass eval_step=fn(ctx, batch) to Trainer")
         metrics_lib.reset(self.eval_metrics)
+        data_lib.check_data(data, model=self.model)
         logs, _, _ = self._run_epoch("eval", data, global_batch_size=global_batch_size, epoch=0,
-                                     steps=steps, seed=None)
+                                     steps=steps, seed=None, remainder=remainder)
         logs.update(metrics_lib.merged_results(self.backend, self.eval_metrics))
         return logs

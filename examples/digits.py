@@ -75,10 +75,11 @@ def main(argv=None) -> int:
         return loss
 
     def eval_step(ctx, batch):
-        images, labels = batch
+        # evaluation pads the last global batch: the mask weighs padded examples 0, so metrics are exact
+        images, labels, mask = batch
         logits = model(images, training=False)
-        val_accuracy.update_state(labels, logits)
-        return ctx.average_loss(per_example(labels, logits))
+        val_accuracy.update_state(labels, logits, sample_weight=mask)
+        return ctx.average_loss(per_example(labels, logits), sample_weight=mask)
 
     # Created on every rank; only the chief writes (event files, metrics.jsonl) or prints.
     tensorboard = dt.TensorBoard(logdir=dt.summaries.run_dir(args.logdir, f"digits-{backend.name}"),

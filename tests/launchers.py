@@ -68,6 +68,35 @@ def command_for(backend: str, script: Path | str, args: list[str], *, np: int = 
     raise ValueError(backend)
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc): horovodrun starts its workers in their own sessions,
+    so killing the launcher's process group alone would leave hung workers behind."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_tree(pid: int) -> None:
+    for child in _descendants(pid) if os.path.isdir("/proc") else []:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    os.killpg(pid, signal.SIGKILL)
+
+
 def run(backend: str, script: Path | str, args: list[str] = (), *, np: int = 2, timeout: float = 180,
         extra_env: dict | None = None, auto: bool = False, cpu_replicas: int | None = None
         ) -> subprocess.CompletedProcess:
@@ -79,7 +108,7 @@ def run(backend: str, script: Path | str, args: list[str] = (), *, np: int = 2, 
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and every worker it started
+        _kill_tree(proc.pid)  # the launcher and every worker it started
         stdout, stderr = proc.communicate()
         raise AssertionError(f"{backend}: {' '.join(cmd)} timed out after {timeout}s (a hang)\n"
                              f"--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-3000:]}") from None

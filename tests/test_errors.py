@@ -33,9 +33,11 @@ def test_global_batch_not_divisible(messages):
 
 
 def test_bad_datasets(messages):
-    assert "already batched" in messages["batched_dataset"] and "unbatched" in messages["batched_dataset"]
+    assert "already batched (batch size 8" in messages["batched_dataset"]
+    assert "remove the .batch(...) call (or call .unbatch())" in messages["batched_dataset"]
     assert messages["batch_larger_than_data"] == (
-        "ValueError: global batch 128 is larger than the dataset (64 examples); use a global batch of at most 64")
+        "ValueError: global batch 128 is larger than the dataset (64 examples); use a global batch of at most 64, "
+        "or remainder='pad'")
 
 
 def test_unbuilt_model_and_missing_eval_step(messages):

@@ -67,10 +67,10 @@ def make_trainer(backend, **kwargs):
         return loss
 
     def eval_step(ctx, batch):
-        x, y = batch
+        x, y, mask = batch  # evaluation pads the last batch; the mask weighs padding 0
         prediction = model(x, training=False)
-        val_mae.update_state(y, prediction)
-        return ctx.average_loss(tf.reduce_mean(tf.square(y - prediction), axis=-1))
+        val_mae.update_state(y, prediction, sample_weight=mask)
+        return ctx.average_loss(tf.reduce_mean(tf.square(y - prediction), axis=-1), sample_weight=mask)
 
     kwargs.setdefault("verbose", 0)
     return dt.Trainer(model=model, optimizer=optimizer, train_step=train_step, eval_step=eval_step,

@@ -1,0 +1,83 @@
+"""Real multi-process runs: every example exactly once per epoch, and uneven shards never hang.
+
+Each backend runs tests/workers/data_epoch.py once (all cases in one launch, 2 epochs each); the worker
+records the example ids each rank consumed, and the ids merged over all ranks through the backend.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from disttrain import data as D
+from launchers import WORKERS, run
+
+SCRIPT = WORKERS / "data_epoch.py"
+GB = 8
+BACKENDS = ["horovod-gloo", "multiworker", "mirrored"]
+
+
+def rows(n, first=0):
+    rng = np.random.default_rng(first)
+    return tf.data.Dataset.from_tensor_slices(
+        {"id": np.arange(first, first + n, dtype=np.int64), "x": rng.normal(size=(n, 3)).astype("float32"),
+         "y": rng.normal(size=n).astype("float32")})
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    D.write_shards(rows(37), root / "even", num_shards=4)  # 10, 9, 9, 9 examples
+    a = D.write_shards(rows(20), root / "uneven", num_shards=2, prefix="a")  # ids 0-19: 10 + 10
+    b = D.write_shards(rows(16, first=20), root / "uneven", num_shards=2, prefix="b")  # ids 20-35: 8 + 8
+    # Pipeline 0 of 2 reads files 0 and 2 (a: 20 examples = 5 batches of 4), pipeline 1 files 1 and 3 (16 = 4).
+    (root / "uneven_order.json").write_text(json.dumps([a[0], b[0], a[1], b[1]]))
+    (root / "elements.json").write_text(json.dumps({"examples": 45}))
+    return root
+
+
+def launch(backend, shards, tmp_path):
+    # The launcher's hard timeout (a hang fails here and kills every worker) stays below pytest's.
+    run(backend, SCRIPT, ["--out", str(tmp_path), "--shards", str(shards)], timeout=240)
+    ranks = 1 if backend == "mirrored" else 2
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ranks)]
+    assert all(r["replicas"] == 2 for r in results), results
+    return results
+
+
+def exactly_once(counts, n):
+    counts = np.asarray(counts)
+    return counts[:n].tolist() == [1] * n and not counts[n:].any()
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_example_once_per_epoch_and_uneven_shards_end_together(backend, shards, tmp_path):
+    results = launch(backend, shards, tmp_path)
+    ranks = len(results)
+    for epoch in range(2):
+        case = lambda name: [r[f"{name}/{epoch}"] for r in results]  # noqa: E731
+        for name, n, steps in [("elements_pad", 45, 6), ("files_pad", 37, None), ("uneven_pad", 36, 5)]:
+            got = case(name)
+            assert len({g["steps"] for g in got}) == 1, (name, got)
+            if steps:
+                assert got[0]["steps"] == steps, (name, got[0]["steps"])
+            for g in got:  # the merged counts are the same everywhere and count every id exactly once
+                assert exactly_once(g["global"], n), (name, epoch, g["global"])
+            local = np.sum([g["local"] for g in got], axis=0)  # ...and so do the ranks' own counts
+            assert exactly_once(local, n), (name, epoch, [g["local"] for g in got])
+            if ranks == 2:
+                assert all(sum(g["local"]) > 0 for g in got), name
+        # Drop: every rank stops after the shortest pipeline's 4 steps; each example at most once.
+        for name, steps in [("uneven_drop", 4), ("uneven_fn_unknown", 4), ("uneven_fn_repeat", 6),
+                            ("elements_repeat", 7)]:
+            got = case(name)
+            assert [g["steps"] for g in got] == [steps] * ranks, (name, got)
+            assert sum(got[0]["global"]) == steps * GB, (name, got[0]["global"])
+            if "repeat" not in name:
+                assert max(got[0]["global"]) == 1, (name, got[0]["global"])
+        if ranks == 2:  # file sharding: rank 0 read only the "a" files (ids < 20), rank 1 only "b"
+            for name in ("uneven_pad", "uneven_drop"):
+                first, second = (np.nonzero(g["local"])[0] for g in case(name))
+                assert first.max() < 20 <= second.min(), (name, first, second)
