@@ -12,8 +12,9 @@ from disttrain.backends import Backend, InputContext, detect, get_backend
 from disttrain.trainer import Callback, StepContext, Trainer, current_learning_rate
 from disttrain.progress import JsonLinesLogger, ProgressBar
 from disttrain.summaries import TensorBoard
+from disttrain import data, lr, metrics, shards, summaries  # noqa: E402  (submodules as dt.data, dt.lr, ...)
 
 __version__ = "0.1.0"
 
-__all__ = ["Backend", "Callback", "InputContext", "JsonLinesLogger", "ProgressBar", "StepContext", "TensorBoard",
+__all__ = ["data", "lr", "metrics", "shards", "summaries", "Backend", "Callback", "InputContext", "JsonLinesLogger", "ProgressBar", "StepContext", "TensorBoard",
            "Trainer", "current_learning_rate", "detect", "get_backend", "__version__"]

@@ -50,8 +50,8 @@ class Recorder(dt.Callback):
 def make_trainer(backend, **kwargs):
     with backend.scope():
         keras.utils.set_random_seed(1)
-        model = keras.Sequential([keras.Input(shape=(3,)), keras.layers.Dense(4, activation="tanh"),
-                                  keras.layers.Dense(1)], name="tiny")
+        model = keras.Sequential([keras.Input(shape=(3,)), keras.layers.Dense(4, activation="tanh", name="dense"),
+                                  keras.layers.Dense(1, name="dense_1")], name="tiny")
         optimizer = keras.optimizers.SGD(0.05)
         mae = keras.metrics.MeanAbsoluteError(name="mae")
         val_mae = keras.metrics.MeanAbsoluteError(name="mae")

@@ -55,8 +55,8 @@ def dataset_fn(context: dt.InputContext) -> tf.data.Dataset:
 
 with backend.scope():
     keras.utils.set_random_seed(3)
-    model = keras.Sequential([keras.Input(shape=(4,)), keras.layers.Dense(8, activation="tanh"),
-                              keras.layers.Dense(1)], name="obs")
+    model = keras.Sequential([keras.Input(shape=(4,)), keras.layers.Dense(8, activation="tanh", name="dense"),
+                              keras.layers.Dense(1, name="dense_1")], name="obs")
     optimizer = keras.optimizers.SGD(0.01)
     target_mean = keras.metrics.Mean(name="target_mean")
     mse = keras.metrics.MeanSquaredError(name="mse")

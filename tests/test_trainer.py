@@ -1,0 +1,56 @@
+"""In-process checks of the Trainer on the single-device backend."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import disttrain as dt
+from disttrain.backends.single import SingleBackend
+
+
+@pytest.fixture(scope="module")
+def backend():
+    return SingleBackend(device="/cpu:0")
+
+
+def test_steps_are_traced_once_across_epochs(backend):
+    with backend.scope():
+        model = keras.Sequential([keras.Input(shape=(2,)), keras.layers.Dense(1)])
+        optimizer = keras.optimizers.SGD(0.1)
+
+    def step(ctx, batch):
+        x, y = batch[0], batch[1]
+        with tf.GradientTape() as tape:
+            loss = ctx.average_loss(tf.reduce_mean(tf.square(y - model(x)), axis=-1))
+        ctx.apply_gradients(optimizer, tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        return loss
+
+    def eval_step(ctx, batch):
+        x, y, mask = batch
+        return ctx.average_loss(tf.reduce_mean(tf.square(y - model(x)), axis=-1), sample_weight=mask)
+
+    x = np.random.default_rng(0).normal(size=(64, 2)).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices((x, x.sum(1, keepdims=True)))
+    trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=step, eval_step=eval_step,
+                         backend=backend, verbose=0)
+    history = trainer.fit(data, global_batch_size=16, epochs=4, shuffle_seed=1, validation_data=data)
+    assert history["loss"][-1] < history["loss"][0]
+    traced = {key: [f.experimental_get_tracing_count() for f in fns] for key, fns in trainer._functions.items()}
+    assert traced == {("train", 16, False): [1, 0], ("eval", 16, False): [1, 0]}, traced
+
+
+def test_return_values_become_the_history(backend):
+    with backend.scope():
+        model = keras.Sequential([keras.Input(shape=(1,)), keras.layers.Dense(1, kernel_initializer="zeros")])
+        optimizer = keras.optimizers.SGD(0.0)
+
+    def step(ctx, batch):  # the mean of x over the global batch, returned under two names
+        x, _ = batch
+        value = ctx.average_loss(tf.reshape(x, [-1]))
+        return {"mean_x": value, "twice": 2 * value}
+
+    x = np.arange(32, dtype="float32").reshape(32, 1)
+    trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=step, backend=backend, verbose=0)
+    history = trainer.fit(tf.data.Dataset.from_tensor_slices((x, x)), global_batch_size=8, epochs=1)
+    assert history["mean_x"] == [pytest.approx(x.mean())] and history["twice"] == [pytest.approx(2 * x.mean())]
