@@ -58,3 +58,13 @@ def test_loss_threshold_lr_cut(launcher, tmp_path):
     # the LR logged for epoch e is the one used during e: the cut shows from the epoch after
     expected = [pytest.approx(0.01)] * (first_below + 1) + [pytest.approx(0.001)] * (len(history["lr"]) - first_below - 1)
     assert history["lr"] == expected, (history["loss"], history["lr"])
+
+
+@pytest.mark.parametrize("launcher", ["horovod-gloo"])
+def test_sharded_digits_reads_its_own_shards_and_learns(launcher, tmp_path):
+    out = tmp_path / "history.json"
+    run(launcher, EXAMPLES / "sharded_digits.py", ["--history-json", str(out), "--data-dir", str(tmp_path / "data")],
+        timeout=240)
+    history = json.loads(out.read_text())
+    assert history["val_accuracy"][-1] >= 0.9, history["val_accuracy"]
+    assert len(list((tmp_path / "data").rglob("*.tfrecord"))) >= 8
