@@ -49,7 +49,7 @@ def test_horovod_missing_names_the_setup_command(monkeypatch):
     from disttrain.backends import horovod as horovod_backend
 
     monkeypatch.setitem(sys.modules, "horovod.tensorflow", None)  # makes the import fail
-    with pytest.raises(ImportError, match=r"Horovod .* not installed .*make setup"):
+    with pytest.raises(ImportError, match=r"Horovod .* not installed .*run scripts/setup.sh"):
         horovod_backend.import_horovod()
 
 

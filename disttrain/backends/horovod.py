@@ -9,7 +9,8 @@ import tensorflow as tf
 
 from disttrain.backends.base import Backend, InputContext
 
-SETUP_HINT = "run `make setup` (scripts/setup.sh) in the disttrain checkout to build and install it"
+SETUP_HINT = ("run scripts/setup.sh in the disttrain checkout to build and install it (`make demo` and "
+              "`make test` run it too)")
 
 
 def import_horovod():
