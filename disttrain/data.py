@@ -605,14 +605,6 @@ def as_source(data: Any) -> Source | None:
                     f"or a function of the input context, got {type(data).__name__}")
 
 
-def as_dataset_fn(data: Any, *, seed: int | None, epoch: int, remainder: str = "drop") -> DatasetFn:
-    """Turns what a user passes to ``Trainer.fit`` into a function of the input context."""
-    source = as_source(data)
-    if source is None:
-        return data
-    return lambda context: source.build(context, seed=seed, epoch=epoch, remainder=remainder)
-
-
 # -- one epoch: agreeing on the steps -------------------------------------------------------------
 def _local_steps(dataset: tf.data.Dataset, context: InputContext) -> int | None:
     """Steps this pipeline gives: None when unknown, ``_BIG`` when infinite."""
@@ -737,12 +729,6 @@ def epoch_input(backend: Backend, data: Any, *, global_batch_size: int, epoch: i
         fn = build
     iterator = iter(backend.distribute_dataset(fn, global_batch_size=global_batch_size))
     return EpochInput(backend=backend, iterator=iterator, steps=run_steps, max_steps=run_steps)
-
-
-def steps_in(dataset: tf.data.Dataset, context: InputContext) -> int | None:
-    """Steps one epoch of this pipeline gives (None when unknown or infinite)."""
-    steps = _local_steps(dataset, context)
-    return None if steps is None or steps >= _BIG else steps
 
 
 def check_data(data: Any, *, model: Any = None) -> None:
