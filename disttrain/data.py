@@ -164,6 +164,13 @@ def check_matches_model(element_spec: Any, model: Any) -> None:
 
 
 # -- masks and padding ----------------------------------------------------------------------------
+def mask_of(batch: Any) -> tf.Tensor:
+    """The padding mask of a batch made with ``remainder="pad"`` (1 for real examples, 0 for padding)."""
+    if isinstance(batch, dict):
+        return batch[MASK_KEY]
+    return batch[-1]
+
+
 def _attach_mask(batch: Any, mask: tf.Tensor) -> Any:
     if isinstance(batch, dict):
         if MASK_KEY in batch:
@@ -623,10 +630,13 @@ class EpochInput:
       steps: Steps to run (the same on every process), or None when the pipelines' lengths are unknown:
         then call :meth:`next_agreed` before every step, which stops all processes together.
       iterator: Iterator of step inputs (what ``backend.run`` takes).
+      masked: The batches carry a padding mask (``remainder="pad"``): see :func:`mask_of`.
     """
 
-    def __init__(self, *, backend: Backend, iterator: Any, steps: int | None, max_steps: int | None):
+    def __init__(self, *, backend: Backend, iterator: Any, steps: int | None, max_steps: int | None,
+                 masked: bool = False):
         self.backend, self.iterator, self.steps, self.max_steps = backend, iterator, steps, max_steps
+        self.masked = masked  # batches carry a padding mask (see mask_of)
         self._taken = 0
 
     def next_agreed(self) -> Any | None:
@@ -728,7 +738,7 @@ def epoch_input(backend: Backend, data: Any, *, global_batch_size: int, epoch: i
     else:
         fn = build
     iterator = iter(backend.distribute_dataset(fn, global_batch_size=global_batch_size))
-    return EpochInput(backend=backend, iterator=iterator, steps=run_steps, max_steps=run_steps)
+    return EpochInput(backend=backend, iterator=iterator, steps=run_steps, max_steps=run_steps, masked=padded)
 
 
 def check_data(data: Any, *, model: Any = None) -> None:

@@ -96,6 +96,7 @@ class Callback:
 
 
 StepFn = Callable[[StepContext, Any], Any]
+EXAMPLES = "__examples__"  # the count of real examples in a step's outputs, for padded (masked) input
 
 
 def _named_gradients(pairs: list) -> dict[str, tf.Tensor]:
@@ -205,20 +206,28 @@ class Trainer:
         return [v for m in self.models for v in m.trainable_variables]
 
     # -- compiled steps ------------------------------------------------------------------------
-    def _function(self, kind: str, global_batch_size: int, *, gradients: bool = False) -> Callable:
-        """The compiled step; with ``gradients`` it returns ``(outputs, {variable path: local gradient})``."""
-        key = (kind, global_batch_size, gradients)
+    def _function(self, kind: str, global_batch_size: int, *, gradients: bool = False,
+                  masked: bool = False) -> Callable:
+        """The compiled step; with ``gradients`` it returns ``(outputs, {variable path: local gradient})``;
+        with ``masked`` the outputs also count the real (unmasked) examples under ``EXAMPLES``."""
+        key = (kind, global_batch_size, gradients, masked)
         if key not in self._functions:
             step = self._train_step if kind == "train" else self._eval_step
             ctx = StepContext(backend=self.backend, global_batch_size=global_batch_size)
             backend = self.backend
 
+            def outputs_of(batch):
+                outputs = _as_outputs(step(ctx, batch))
+                if masked:
+                    outputs[EXAMPLES] = tf.reduce_sum(tf.cast(data_lib.mask_of(batch), tf.float32))
+                return outputs
+
             def replica_fn(batch):
                 if not gradients:
-                    return _as_outputs(step(ctx, batch))
+                    return outputs_of(batch)
                 ctx._capture.pairs = captured = []  # replicas may trace in parallel threads
                 try:
-                    outputs = _as_outputs(step(ctx, batch))
+                    outputs = outputs_of(batch)
                 finally:
                     ctx._capture.pairs = None
                 return outputs, _named_gradients(captured)
@@ -256,7 +265,8 @@ class Trainer:
         steps = 0
         while epoch_input.steps is None or steps < epoch_input.steps:
             wants_gradients = step_logger is not None and step_logger.wants_gradients(self.global_step + 1)
-            run, run_batch = self._function(kind, global_batch_size, gradients=wants_gradients)
+            run, run_batch = self._function(kind, global_batch_size, gradients=wants_gradients,
+                                            masked=epoch_input.masked)
             if epoch_input.steps is None:  # unknown length: the processes agree on every batch
                 batch = epoch_input.next_agreed()
                 if batch is None:
@@ -265,6 +275,9 @@ class Trainer:
             else:
                 result = run(epoch_input.iterator)
             outputs, grads = result if wants_gradients else (result, None)
+            if epoch_input.masked:
+                examples = outputs.pop(EXAMPLES)
+                real = examples if steps == 0 else real + examples
             steps += 1
             totals = {k: totals[k] + v for k, v in outputs.items()} if totals else dict(outputs)
             if kind == "train":
@@ -277,11 +290,19 @@ class Trainer:
         if kind == "train":
             self.epoch_steps = steps
         names = sorted(totals)
-        # The wall time rides along in the same all-reduce: every process reports the same (mean) time.
+        # The wall time (and the count of real examples) ride along in the same all-reduce: every process
+        # reports the same numbers.
         local = [tf.cast(totals[n], tf.float64) for n in names]
         local.append(tf.constant(time.perf_counter() - start, tf.float64))
+        if epoch_input.masked:
+            local.append(tf.cast(real, tf.float64))
         summed = np.asarray(backend.all_reduce(tf.stack(local), "sum"))
-        logs = {n: float(v) / steps for n, v in zip(names, summed)}
+        if epoch_input.masked:
+            summed, real = summed[:-1], float(summed[-1])
+        # Values are global-batch-scaled (like ctx.average_loss): their sum over the epoch times the
+        # global batch, over the examples, is the mean per example; padded examples count for nothing.
+        examples = real if epoch_input.masked and real > 0 else steps * global_batch_size
+        logs = {n: float(v) * global_batch_size / examples for n, v in zip(names, summed)}
         seconds = float(summed[-1]) / backend.size
         return logs, steps, seconds
 
@@ -380,7 +401,8 @@ class Trainer:
 
         With ``remainder="pad"`` (the default) every example is evaluated exactly once: the last batch is
         padded with masked examples and each batch carries a ``mask`` (see ``disttrain.data``). Metrics
-        updated with ``sample_weight=mask`` are then exact; returned step values are averaged per step.
+        updated with ``sample_weight=mask`` are then exact, and so are returned values computed with
+        ``ctx.average_loss(..., sample_weight=mask)``: they are reported as means over the real examples.
 
         Args:
           data: As for :meth:`fit`.

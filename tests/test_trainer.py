@@ -37,7 +37,8 @@ def test_steps_are_traced_once_across_epochs(backend):
     history = trainer.fit(data, global_batch_size=16, epochs=4, shuffle_seed=1, validation_data=data)
     assert history["loss"][-1] < history["loss"][0]
     traced = {key: [f.experimental_get_tracing_count() for f in fns] for key, fns in trainer._functions.items()}
-    assert traced == {("train", 16, False): [1, 0], ("eval", 16, False): [1, 0]}, traced
+    # evaluation pads (masked batches): its own compiled step, also traced once
+    assert traced == {("train", 16, False, False): [1, 0], ("eval", 16, False, True): [1, 0]}, traced
 
 
 def test_return_values_become_the_history(backend):
@@ -54,3 +55,29 @@ def test_return_values_become_the_history(backend):
     trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=step, backend=backend, verbose=0)
     history = trainer.fit(tf.data.Dataset.from_tensor_slices((x, x)), global_batch_size=8, epochs=1)
     assert history["mean_x"] == [pytest.approx(x.mean())] and history["twice"] == [pytest.approx(2 * x.mean())]
+
+
+def test_padded_evaluation_reports_exact_means(backend):
+    """70 examples, global batch 16: the last batch has 6 real examples and 10 masked ones."""
+    with backend.scope():
+        model = keras.Sequential([keras.Input(shape=(1,)), keras.layers.Dense(1, kernel_initializer="ones",
+                                                                              bias_initializer="zeros")])
+        optimizer = keras.optimizers.SGD(0.0)
+        mean_abs = keras.metrics.MeanAbsoluteError(name="mae")
+
+    def eval_step(ctx, batch):
+        x, y, mask = batch
+        prediction = model(x)
+        mean_abs.update_state(y, prediction, sample_weight=mask)
+        per_example = tf.reduce_mean(tf.square(y - prediction), axis=-1)
+        return {"mse": ctx.average_loss(per_example, sample_weight=mask)}
+
+    x = np.arange(70, dtype="float32").reshape(70, 1)
+    y = 0.5 * x + 3.0  # prediction = x
+    trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=lambda ctx, b: None, eval_step=eval_step,
+                         backend=backend, eval_metrics=[mean_abs], verbose=0)
+    logs = trainer.evaluate(tf.data.Dataset.from_tensor_slices((x, y)), global_batch_size=16)
+    assert logs["mse"] == pytest.approx(float(np.mean((y - x) ** 2)), rel=1e-6)
+    assert logs["mae"] == pytest.approx(float(np.mean(np.abs(y - x))), rel=1e-6)
+    # what dividing by steps would give: the padding counted as examples
+    assert abs(logs["mse"] - float(np.sum((y - x) ** 2)) / (5 * 16)) > 1.0
