@@ -262,7 +262,7 @@ class Trainer:
         if step_logger is not None:  # with unknown lengths, steps_per_epoch is the best guess of the total
             step_logger.begin_epoch(steps=epoch_input.steps or epoch_input.max_steps)
         start = time.perf_counter()
-        steps, real = 0, tf.constant(0.0)  # real: unmasked examples seen here (padded input only)
+        steps, local_real = 0, tf.constant(0.0)  # unmasked examples seen here (padded input only)
         while epoch_input.steps is None or steps < epoch_input.steps:
             wants_gradients = step_logger is not None and step_logger.wants_gradients(self.global_step + 1)
             run, run_batch = self._function(kind, global_batch_size, gradients=wants_gradients,
@@ -276,7 +276,7 @@ class Trainer:
                 result = run(epoch_input.iterator)
             outputs, grads = result if wants_gradients else (result, None)
             if epoch_input.masked:
-                real += outputs.pop(EXAMPLES)
+                local_real += outputs.pop(EXAMPLES)
             steps += 1
             totals = {k: totals[k] + v for k, v in outputs.items()} if totals else dict(outputs)
             if kind == "train":
@@ -294,7 +294,7 @@ class Trainer:
         local = [tf.cast(totals[n], tf.float64) for n in names]
         local.append(tf.constant(time.perf_counter() - start, tf.float64))
         if epoch_input.masked:
-            local.append(tf.cast(real, tf.float64))  # becomes the global count below
+            local.append(tf.cast(local_real, tf.float64))
         summed = np.asarray(backend.all_reduce(tf.stack(local), "sum"))
         if epoch_input.masked:
             summed, real = summed[:-1], float(summed[-1])
