@@ -47,7 +47,16 @@ class StepContext:
         return loss / tf.cast(self.num_replicas, loss.dtype)
 
     def reduce_gradients(self, grads: list) -> list:
-        """The gradients summed over all replicas (for clipping, surgery or inspection)."""
+        """The gradients summed over all replicas: the global gradient, identical on every replica.
+
+        Use it for decisions that need the global gradient (its norm for clipping, a NaN check,
+        logging). Do not pass the result to :meth:`apply_gradients`, which sums again; change the
+        local gradients instead (linear changes commute with the sum). Clipping by the global norm::
+
+            norm = tf.linalg.global_norm(ctx.reduce_gradients(grads))
+            factor = tf.minimum(1.0, clip_norm / norm)
+            ctx.apply_gradients(optimizer, [g * factor for g in grads], variables)
+        """
         return self.backend.reduce_gradients(grads)
 
     def apply_gradients(self, optimizer: keras.optimizers.Optimizer, grads: list, variables: list) -> None:

@@ -1,7 +1,7 @@
 """Same model, data, seed and 20 steps: every backend ends with the single-device weights.
 
-Three trainings per launch: SGD, Adam, and two models with two optimizers (SGD+momentum and Adam)
-updated in one step, as in a GAN.
+Four trainings per launch: SGD, Adam, two models with two optimizers (SGD+momentum and Adam) updated
+in one step, as in a GAN, and gradient clipping by the global norm (ctx.reduce_gradients).
 """
 
 import json
@@ -49,7 +49,8 @@ def test_backend_matches_single_device(case, reference, tmp_path):
         assert all(i["mpi"] and not i["gloo"] for i in infos), infos
     if case == "horovod-gloo":
         assert all(i["gloo"] and not i["mpi"] for i in infos), infos
-    for optimizer in ("sgd", "adam", "two"):
+    assert all(i["clipped_fraction"][0] == 1.0 for i in infos), infos  # the clipping did act
+    for optimizer in ("sgd", "adam", "two", "clip"):
         assert all(i[f"{optimizer}_steps"] == 20 for i in infos), infos
         expected = load(reference, optimizer, 0)
         ranks = [load(tmp_path, optimizer, r) for r in range(processes)]

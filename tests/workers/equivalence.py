@@ -74,5 +74,30 @@ info["two_steps"] = int(head_opt.iterations.numpy())
 np.savez(os.path.join(args.out, f"two_rank{backend.rank}.npz"),
          *[v.numpy() for v in body.trainable_variables + head.trainable_variables])
 
+# Gradient clipping by the GLOBAL norm: decided on the reduced gradients, applied to the local ones.
+with backend.scope():
+    keras.utils.set_random_seed(44)
+    clipped = keras.Sequential([keras.Input(shape=(8,)), keras.layers.Dense(1)])
+    clip_opt = keras.optimizers.SGD(0.5)
+CLIP_NORM = 0.05
+
+
+def clip_step(ctx, batch):
+    features, target = batch
+    with tf.GradientTape() as tape:
+        loss = ctx.average_loss(tf.reduce_mean(tf.square(target - clipped(features)), axis=-1))
+    grads = tape.gradient(loss, clipped.trainable_variables)
+    norm = tf.linalg.global_norm(ctx.reduce_gradients(grads))
+    factor = tf.minimum(1.0, CLIP_NORM / norm)
+    ctx.apply_gradients(clip_opt, [g * factor for g in grads], clipped.trainable_variables)
+    return {"loss": loss, "clipped": tf.cast(norm > CLIP_NORM, tf.float32) / ctx.num_replicas}
+
+
+trainer = dt.Trainer(model=clipped, optimizer=clip_opt, train_step=clip_step, backend=backend, verbose=0)
+history = trainer.fit(dataset, global_batch_size=GLOBAL_BATCH, epochs=EPOCHS, shuffle_seed=7)
+info["clip_steps"] = int(clip_opt.iterations.numpy())
+info["clipped_fraction"] = history["clipped"]
+np.savez(os.path.join(args.out, f"clip_rank{backend.rank}.npz"), *[v.numpy() for v in clipped.trainable_variables])
+
 with open(os.path.join(args.out, f"info_rank{backend.rank}.json"), "w") as f:
     json.dump(info, f)
