@@ -261,7 +261,7 @@ class Trainer:
 
     def _run_epoch(self, kind: str, data: Any, *, global_batch_size: int, epoch: int,
                    steps: int | None, seed: int | None, remainder: str = "drop",
-                   step_logger: step_logs.StepLogger | None = None
+                   metrics: Sequence[keras.metrics.Metric] = (), step_logger: step_logs.StepLogger | None = None
                    ) -> tuple[dict[str, float], int, float]:
         backend = self.backend
         # Every process runs the same number of steps (agreed through the backend's all-reduce).
@@ -298,19 +298,23 @@ class Trainer:
         if kind == "train":
             self.epoch_steps = steps
         names = sorted(totals)
-        # The wall time (and the count of real examples) ride along in the same all-reduce: every process
-        # reports the same numbers.
+        # One all-reduce per epoch: the step values, the wall time, the count of real examples (padded
+        # input) and the metrics' states: every process reports the same numbers.
         local = [tf.cast(totals[n], tf.float64) for n in names]
         local.append(tf.constant(time.perf_counter() - start, tf.float64))
         if epoch_input.masked:
             local.append(tf.cast(local_real, tf.float64))
-        summed = np.asarray(backend.all_reduce(tf.stack(local), "sum"))
+        states, layout = metrics_lib.pack_local_states(backend, metrics)
+        summed = np.asarray(backend.all_reduce(tf.concat([tf.stack(local), states], 0), "sum"))
+        summed, state_sums = summed[:len(local)], summed[len(local):]
         if epoch_input.masked:
             summed, real = summed[:-1], float(summed[-1])
         # Values are global-batch-scaled (like ctx.average_loss): their sum over the epoch times the
         # global batch, over the examples, is the mean per example; padded examples count for nothing.
         examples = real if epoch_input.masked and real > 0 else steps * global_batch_size
         logs = {n: float(v) * global_batch_size / examples for n, v in zip(names, summed)}
+        if layout.slots:
+            logs.update(metrics_lib.results_from_vector(backend, layout, state_sums))
         seconds = float(summed[-1]) / backend.size
         return logs, steps, seconds
 
@@ -379,8 +383,7 @@ class Trainer:
             lr = current_learning_rate(self.optimizer)
             logs, steps, seconds = self._run_epoch(
                 "train", data, global_batch_size=global_batch_size, epoch=epoch, steps=steps_per_epoch,
-                seed=shuffle_seed, remainder=remainder, step_logger=step_logger)
-            logs.update(metrics_lib.merged_results(self.backend, self.metrics))
+                seed=shuffle_seed, remainder=remainder, metrics=self.metrics, step_logger=step_logger)
             logs["lr"] = lr
             logs["examples_per_sec"] = steps * global_batch_size / seconds
             logs["step_time"] = seconds / steps
@@ -426,6 +429,5 @@ class Trainer:
         metrics_lib.reset(self.eval_metrics)
         data_lib.check_data(data, model=self.model)
         logs, _, _ = self._run_epoch("eval", data, global_batch_size=global_batch_size, epoch=0,
-                                     steps=steps, seed=None, remainder=remainder)
-        logs.update(metrics_lib.merged_results(self.backend, self.eval_metrics))
+                                     steps=steps, seed=None, remainder=remainder, metrics=self.eval_metrics)
         return logs
