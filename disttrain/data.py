@@ -214,12 +214,19 @@ def _batch_steps(stream: tf.data.Dataset, *, batch: int, remainder: str,
     """Batches of ``batch`` examples: decoded, and padded + masked when ``remainder == "pad"``."""
     batched = stream.batch(batch, drop_remainder=remainder == "drop", num_parallel_calls=AUTOTUNE,
                            deterministic=True)
+    return _decode_and_pad(batched, batch=batch, remainder=remainder, decode_batch=decode_batch)
+
+
+def _decode_and_pad(batches: tf.data.Dataset, *, batch: int, remainder: str,
+                    decode_batch: Callable | None) -> tf.data.Dataset:
+    """Decodes batches of records (if ``decode_batch``), then pads + masks them to ``batch`` when
+    ``remainder == "pad"``."""
     if decode_batch is not None:
-        batched = batched.map(decode_batch, num_parallel_calls=AUTOTUNE, deterministic=True)
+        batches = batches.map(decode_batch, num_parallel_calls=AUTOTUNE, deterministic=True)
     if remainder == "pad":
-        batched = batched.map(lambda *b: _pad_batch(b[0] if len(b) == 1 else b, batch),
+        batches = batches.map(lambda *b: _pad_batch(b[0] if len(b) == 1 else b, batch),
                               num_parallel_calls=AUTOTUNE, deterministic=True)
-    return batched
+    return batches
 
 
 def _split(dataset: tf.data.Dataset, *, parts: int, first: int, count: int) -> tf.data.Dataset:
@@ -335,12 +342,8 @@ def _local_stream(chunks: tf.data.Dataset, context: InputContext, *, size: int, 
             return tf.nest.map_structure(lambda t: tf.gather(t, order), batch)
 
         chunks = chunks.rebatch(window).enumerate().map(permute, num_parallel_calls=AUTOTUNE, deterministic=True)
-    batches = chunks.rebatch(local_batch, drop_remainder=drop)
-    if decode_batch is not None:
-        batches = batches.map(decode_batch, num_parallel_calls=AUTOTUNE, deterministic=True)
-    if not drop:
-        batches = batches.map(lambda *b: _pad_batch(b[0] if len(b) == 1 else b, local_batch),
-                              num_parallel_calls=AUTOTUNE, deterministic=True)
+    batches = _decode_and_pad(chunks.rebatch(local_batch, drop_remainder=drop), batch=local_batch,
+                              remainder=remainder, decode_batch=decode_batch)
     if size >= 0:
         steps = size // local_batch if drop else -(-size // local_batch)
         batches = batches.apply(tf.data.experimental.assert_cardinality(steps))
