@@ -9,7 +9,9 @@
 """
 
 from disttrain.backends import Backend, InputContext, detect, get_backend
-from disttrain.trainer import Callback, StepContext, Trainer, current_learning_rate
+from disttrain.callbacks import Callback, current_learning_rate
+from disttrain.step_context import StepContext
+from disttrain.trainer import Trainer
 from disttrain.progress import JsonLinesLogger, ProgressBar
 from disttrain.summaries import TensorBoard
 from disttrain import data, lr, metrics, shards, summaries  # noqa: E402  (submodules as dt.data, dt.lr, ...)

@@ -37,7 +37,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from disttrain.trainer import Callback
+from disttrain.callbacks import Callback
 
 LearningRateSchedule = keras.optimizers.schedules.LearningRateSchedule
 

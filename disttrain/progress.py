@@ -13,7 +13,7 @@ import sys
 import time
 from typing import IO, Any, Mapping
 
-from disttrain.trainer import Callback
+from disttrain.callbacks import Callback
 
 
 def format_logs(logs: Mapping[str, float], *, skip: tuple = ()) -> str:

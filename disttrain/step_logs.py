@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from disttrain import metrics as metrics_lib
+from disttrain.callbacks import Callback, current_learning_rate
 
 if TYPE_CHECKING:  # pragma: no cover
     from disttrain.trainer import Trainer
@@ -62,8 +63,6 @@ def requested_intervals(*, log_every_steps: int | None, callbacks: list) -> tupl
     Raises:
       ValueError: For a negative interval.
     """
-    from disttrain.trainer import Callback
-
     if log_every_steps is None:
         consumers = any(type(c).on_step_logs is not Callback.on_step_logs for c in callbacks)
         log_every_steps = DEFAULT_LOG_EVERY_STEPS if consumers else 0
@@ -153,8 +152,6 @@ class StepLogger:
         logs = {n: float(v) / epoch_step for n, v in zip(names, values[:len(names)])}
         if self._layout.slots:
             logs.update(metrics_lib.flat_results(self._results(summed[len(names) + 1:])))
-        from disttrain.trainer import current_learning_rate
-
         logs["lr"] = current_learning_rate(trainer.optimizer)
         seconds = float(summed[len(names)]) / backend.size
         if window_steps > 0 and seconds > 0:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import threading
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -14,94 +13,10 @@ import tensorflow as tf
 from disttrain import data as data_lib
 from disttrain import metrics as metrics_lib
 from disttrain import step_logs
+from disttrain.progress import ProgressBar
 from disttrain.backends import Backend, get_backend
-
-
-class StepContext:
-    """Handed to the user's step function: the few operations whose meaning depends on the backend.
-
-    Attributes:
-      backend: The active backend.
-      global_batch_size: Examples per step over all replicas.
-      num_replicas: Replicas the global batch is split over.
-    """
-
-    def __init__(self, *, backend: Backend, global_batch_size: int):
-        self.backend = backend
-        self.global_batch_size = global_batch_size
-        self.num_replicas = backend.num_replicas
-        # (variable, local gradient) pairs, per replica thread, while tracing a gradient-histogram step
-        self._capture = threading.local()
-
-    def average_loss(self, per_example_loss: tf.Tensor, sample_weight: tf.Tensor | None = None) -> tf.Tensor:
-        """This replica's share of the mean loss over the GLOBAL batch: ``sum(loss * w) / global_batch``.
-
-        Summed over the replicas (which the gradient reduction does) it is the global mean loss, so the
-        gradients match a single device running the whole global batch.
-        """
-        return tf.nn.compute_average_loss(per_example_loss, sample_weight=sample_weight,
-                                          global_batch_size=self.global_batch_size)
-
-    def scale_regularization_loss(self, loss: tf.Tensor) -> tf.Tensor:
-        """Divides a regularisation loss by the number of replicas (it is added once per replica)."""
-        return loss / tf.cast(self.num_replicas, loss.dtype)
-
-    def reduce_gradients(self, grads: list) -> list:
-        """The gradients summed over all replicas: the global gradient, identical on every replica.
-
-        Use it for decisions that need the global gradient (its norm for clipping, a NaN check,
-        logging). Do not pass the result to :meth:`apply_gradients`, which sums again; change the
-        local gradients instead (linear changes commute with the sum). Clipping by the global norm::
-
-            norm = tf.linalg.global_norm(ctx.reduce_gradients(grads))
-            factor = tf.minimum(1.0, clip_norm / norm)
-            ctx.apply_gradients(optimizer, [g * factor for g in grads], variables)
-        """
-        return self.backend.reduce_gradients(grads)
-
-    def apply_gradients(self, optimizer: keras.optimizers.Optimizer, grads: list, variables: list) -> None:
-        """Sums ``grads`` over all replicas (once) and applies them with ``optimizer``."""
-        captured = getattr(self._capture, "pairs", None)
-        if captured is not None:
-            captured.extend((v, g) for g, v in zip(grads, variables) if g is not None)
-        self.backend.apply_gradients(optimizer, grads, variables)
-
-
-class Callback:
-    """Hooks called by :meth:`Trainer.fit` on every process with the same, globally reduced, values.
-
-    Callbacks that write or print should do so on ``trainer.backend.is_chief`` only.
-
-    Attributes:
-      histogram_every_steps: When > 0, :meth:`on_histograms` is called every so many train steps.
-      wants_gradients: When True (with ``histogram_every_steps``), those calls get the global gradients.
-    """
-
-    histogram_every_steps: int = 0
-    wants_gradients: bool = False
-
-    def on_train_begin(self, trainer: "Trainer") -> None:
-        pass
-
-    def on_train_end(self, trainer: "Trainer", logs: dict[str, float]) -> None:
-        """After the last epoch; ``logs`` are the last epoch's logs."""
-
-    def on_step_logs(self, trainer: "Trainer", step: int, logs: dict[str, float]) -> None:
-        """Every ``log_every_steps`` train steps, with the running epoch values reduced over all processes.
-
-        ``step`` is the global train step (continues across epochs); ``trainer.epoch``,
-        ``trainer.epoch_step`` and ``trainer.epoch_steps`` say where in the epoch it is.
-        """
-
-    def on_histograms(self, trainer: "Trainer", step: int, gradients: dict) -> None:
-        """Every ``histogram_every_steps`` steps; ``gradients`` maps variable paths to the global gradients
-        (summed over all replicas, i.e. what the optimizer applied) when ``wants_gradients``, else is empty."""
-
-    def on_epoch_begin(self, trainer: "Trainer", epoch: int) -> None:
-        pass
-
-    def on_epoch_end(self, trainer: "Trainer", epoch: int, logs: dict[str, float]) -> None:
-        pass
+from disttrain.callbacks import Callback, current_learning_rate, dispatch
+from disttrain.step_context import StepContext
 
 
 StepFn = Callable[[StepContext, Any], Any]
@@ -123,13 +38,6 @@ def _as_outputs(value: Any) -> dict[str, tf.Tensor]:
     if isinstance(value, Mapping):
         return {str(k): tf.cast(tf.convert_to_tensor(v), tf.float32) for k, v in value.items()}
     return {"loss": tf.cast(tf.convert_to_tensor(value), tf.float32)}
-
-
-def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
-    """The learning rate the optimizer applies at its next step (evaluates schedules)."""
-    lr = optimizer._get_current_learning_rate() if hasattr(optimizer, "_get_current_learning_rate") \
-        else optimizer.learning_rate
-    return float(np.asarray(lr))
 
 
 class Trainer:
@@ -179,8 +87,6 @@ class Trainer:
         self.verbose = verbose
         self._print = print_fn or functools.partial(print, flush=True)
         if verbose >= 2:
-            from disttrain.progress import ProgressBar
-
             self.callbacks.append(ProgressBar())
         self.log_every_steps = log_every_steps
         self.global_step = 0
@@ -319,8 +225,7 @@ class Trainer:
         return logs, steps, seconds
 
     def _dispatch(self, hook: str, *args: Any) -> None:
-        for callback in self.callbacks:
-            getattr(callback, hook)(self, *args)
+        dispatch(self.callbacks, hook, self, *args)
 
     def run_config(self) -> dict[str, Any]:
         """The run's configuration (backend, topology, optimizer, ``fit`` arguments), e.g. for a summary."""
@@ -372,13 +277,11 @@ class Trainer:
                            "steps_per_epoch": steps_per_epoch, "initial_epoch": initial_epoch,
                            "shuffle_seed": shuffle_seed, "log_every_steps": intervals.log_every_steps,
                            "histogram_every_steps": intervals.histogram_every_steps}
-        for callback in self.callbacks:
-            callback.on_train_begin(self)
+        self._dispatch("on_train_begin")
         logs: dict[str, float] = {}
         for epoch in range(initial_epoch, initial_epoch + epochs):
             self.epoch = epoch
-            for callback in self.callbacks:
-                callback.on_epoch_begin(self, epoch)
+            self._dispatch("on_epoch_begin", epoch)
             metrics_lib.reset(self.metrics)
             lr = current_learning_rate(self.optimizer)
             logs, steps, seconds = self._run_epoch(
@@ -391,8 +294,7 @@ class Trainer:
                 val = self.evaluate(validation_data, global_batch_size=validation_batch_size or global_batch_size,
                                     steps=validation_steps)
                 logs.update({f"val_{k}": v for k, v in val.items()})
-            for callback in self.callbacks:
-                callback.on_epoch_end(self, epoch, logs)
+            self._dispatch("on_epoch_end", epoch, logs)
             for name, value in logs.items():
                 self.history.setdefault(name, []).append(value)
             if self.verbose == 1 and self.backend.is_chief:
@@ -402,8 +304,7 @@ class Trainer:
                             f"{seconds:.2f}s ({logs['examples_per_sec']:.0f} examples/s)")
             if self.stop_training:
                 break
-        for callback in self.callbacks:
-            callback.on_train_end(self, logs)
+        self._dispatch("on_train_end", logs)
         return self.history
 
     def evaluate(self, data: Any, *, global_batch_size: int, steps: int | None = None,
