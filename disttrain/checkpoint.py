@@ -241,10 +241,10 @@ class CheckpointSession:
                              "that every process shares")
         if latest is None:
             return None
-        status = self.checkpoint.restore(latest)
         try:
+            status = self.checkpoint.restore(latest)
             status.assert_existing_objects_matched()
-        except AssertionError as err:
+        except (AssertionError, ValueError, tf.errors.OpError) as err:
             raise ValueError(f"checkpoint {latest!r} does not match this trainer's models, optimizers or "
                              f"callbacks ({str(err)[:400]}); resume with the same objects, or give "
                              "Checkpointing a new directory to start afresh") from None
