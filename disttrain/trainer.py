@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from disttrain import data as data_lib
+from disttrain import epoch_agreement
 from disttrain import metrics as metrics_lib
 from disttrain import step_logs
 from disttrain.backends import Backend, get_backend
@@ -265,8 +266,8 @@ class Trainer:
                    ) -> tuple[dict[str, float], int, float]:
         backend = self.backend
         # Every process runs the same number of steps (agreed through the backend's all-reduce).
-        epoch_input = data_lib.epoch_input(backend, data, global_batch_size=global_batch_size, epoch=epoch,
-                                           seed=seed, steps=steps, remainder=remainder)
+        epoch_input = epoch_agreement.epoch_input(backend, data, global_batch_size=global_batch_size, epoch=epoch,
+                                                  seed=seed, steps=steps, remainder=remainder)
         totals: dict[str, tf.Tensor] = {}
         if step_logger is not None:  # with unknown lengths, steps_per_epoch is the best guess of the total
             step_logger.begin_epoch(steps=epoch_input.steps or epoch_input.max_steps)

@@ -1,6 +1,6 @@
 """Sharded TFRecord input: train a classifier on scikit-learn's 8x8 digits read from shard files.
 
-Writes the digits into TFRecord shards (``disttrain.data.write_shards``), trains with file sharding
+Writes the digits into TFRecord shards (``disttrain.shards.write_shards``), trains with file sharding
 (each rank reads its own files) and evaluates exactly with pad-and-mask. Runs unchanged on every backend:
     python examples/sharded_digits.py --backend single
     python examples/sharded_digits.py --backend mirrored --cpu-replicas 2
@@ -36,8 +36,6 @@ def write_digits(directory: str, shards: int, backend) -> tuple[list[str], list[
     import tensorflow as tf
     from sklearn.datasets import load_digits
 
-    from disttrain import data
-
     train_dir, test_dir = os.path.join(directory, "train"), os.path.join(directory, "test")
     if backend.is_chief:
         digits = load_digits()
@@ -46,10 +44,10 @@ def write_digits(directory: str, shards: int, backend) -> tuple[list[str], list[
         order = np.random.default_rng(0).permutation(len(x))
         x, y = x[order], y[order]
         split = 1500  # 297 test examples: not a multiple of the batch, so evaluation pads
-        data.write_shards(tf.data.Dataset.from_tensor_slices((x[:split], y[:split])), train_dir, num_shards=shards)
-        data.write_shards(tf.data.Dataset.from_tensor_slices((x[split:], y[split:])), test_dir, num_shards=shards)
+        dt.shards.write_shards(tf.data.Dataset.from_tensor_slices((x[:split], y[:split])), train_dir, num_shards=shards)
+        dt.shards.write_shards(tf.data.Dataset.from_tensor_slices((x[split:], y[split:])), test_dir, num_shards=shards)
     backend.barrier()
-    return data.list_shards(train_dir), data.list_shards(test_dir)
+    return dt.shards.list_shards(train_dir), dt.shards.list_shards(test_dir)
 
 
 def run(args: argparse.Namespace) -> dict:
