@@ -17,8 +17,11 @@ costs exactly one collective.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Iterable, Mapping
+import warnings
+import weakref
+from typing import Any, Callable, ContextManager, Iterable, Mapping
 
 import keras
 import numpy as np
@@ -27,6 +30,7 @@ import tensorflow as tf
 from disttrain.backends.base import Backend
 
 _SUMMED = ("sum", "mean")
+_FROM_FUNCTIONS: "weakref.WeakSet" = weakref.WeakSet()  # metrics made by from_function
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,9 +149,18 @@ def results_from_vector(backend: Backend, layout: StateLayout, summed: Any) -> d
     """``{metric name: float}`` computed with ``metric.stateless_result`` from the merged states.
 
     The metrics' own variables are left untouched. Non-scalar results are flattened by
-    :func:`result_items`.
+    :func:`result_items`. Warns (on the chief) about a :func:`from_function` metric that no step
+    updated: its 0 would otherwise pass for a result.
     """
-    return flat_results(result_tensors(backend, layout, summed))
+    states = states_from_vector(backend, layout, summed)
+    for metric, values in states.items():
+        if metric in _FROM_FUNCTIONS and backend.is_chief:
+            count = [v for variable, v in zip(metric.variables, values) if "count" in variable.name]
+            if count and float(np.asarray(count[0])) == 0.0:
+                warnings.warn(f"metric {metric.name!r} (a plain function) was never updated, so it reads 0: "
+                              f"call its update_state(y_true, y_pred) in the step (it is in trainer.metrics or "
+                              f"trainer.eval_metrics)", stacklevel=2)
+    return flat_results({metric.name: metric.stateless_result(values) for metric, values in states.items()})
 
 
 def flat_results(results: Mapping[str, Any]) -> dict[str, float]:
@@ -207,16 +220,53 @@ def reset(metrics: Iterable[keras.metrics.Metric]) -> None:
         metric.reset_state()
 
 
-def as_list(metrics: Mapping[str, keras.metrics.Metric] | Iterable[keras.metrics.Metric] | None
-            ) -> list[keras.metrics.Metric]:
-    """Normalises ``metrics`` (list or ``{name: metric}``) to a list of uniquely named metrics.
+def from_function(fn: Callable, *, name: str | None = None) -> keras.metrics.Metric:
+    """A plain metric function ``fn(y_true, y_pred)`` as a Keras mean metric (``MeanMetricWrapper``).
+
+    Create it inside ``backend.scope()`` and update it in the step with ``update_state(y_true, y_pred,
+    sample_weight=...)`` like any Keras metric: its state (a sum and a count) is merged exactly over
+    every replica and process. For exact means, let ``fn`` return one value per example (reduce over
+    the last axis only); a ``fn`` returning one number per batch is averaged over batches.
+
+    Args:
+      fn: The function.
+      name: The metric's name (default ``fn.__name__``).
 
     Raises:
-      ValueError: If two metrics share a name.
+      ValueError: If ``fn`` has no usable name (a lambda) and none is given.
+    """
+    name = name or getattr(fn, "__name__", None)
+    if not name or name == "<lambda>":
+        raise ValueError(f"the metric function {fn!r} needs a name: use a def, or pass "
+                         "disttrain.metrics.from_function(fn, name=...) instead")
+    metric = keras.metrics.MeanMetricWrapper(fn, name=name)
+    _FROM_FUNCTIONS.add(metric)
+    return metric
+
+
+def as_list(metrics: Mapping[str, Any] | Iterable[Any] | None, *,
+            scope: Callable[[], ContextManager] | None = None) -> list[keras.metrics.Metric]:
+    """Normalises ``metrics`` (list or ``{name: metric}``) to a list of uniquely named Keras metrics.
+
+    Plain functions ``fn(y_true, y_pred)`` become :func:`from_function` metrics, created inside
+    ``scope()`` (the backend's scope), in the same place of the list; a dict's key names them.
+
+    Raises:
+      ValueError: If two metrics share a name, or a lambda has no name.
+      TypeError: For an entry that is neither a Keras metric nor a function.
     """
     if metrics is None:
         return []
-    items = list(metrics.values()) if isinstance(metrics, Mapping) else list(metrics)
+    pairs = list(metrics.items()) if isinstance(metrics, Mapping) else [(None, m) for m in metrics]
+    items = []
+    for key, metric in pairs:
+        if not isinstance(metric, keras.metrics.Metric):
+            if not callable(metric):
+                raise TypeError(f"metrics must be keras.metrics.Metric objects or functions fn(y_true, y_pred), "
+                                f"got {metric!r}")
+            with scope() if scope is not None else contextlib.nullcontext():
+                metric = from_function(metric, name=key)
+        items.append(metric)
     names = [m.name for m in items]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
