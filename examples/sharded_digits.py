@@ -11,22 +11,17 @@ Writes the digits into TFRecord shards (``disttrain.shards.write_shards``), trai
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 
 import disttrain as dt
+import example_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="auto", choices=["auto", "single", "mirrored", "multiworker", "horovod"])
-    parser.add_argument("--cpu-replicas", type=int, default=None, help="logical CPU devices (mirrored)")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--global-batch", type=int, default=64)
+    parser = example_args.parser(__doc__.splitlines()[0], epochs=5)
     parser.add_argument("--shards", type=int, default=8, help="TFRecord files per split")
     parser.add_argument("--data-dir", default=None, help="where to write the shards (default: a temp dir)")
-    parser.add_argument("--history-json", default=None, help="write the history here (rank 0)")
     return parser.parse_args(argv)
 
 
@@ -51,7 +46,7 @@ def write_digits(directory: str, shards: int, backend) -> tuple[list[str], list[
 
 
 def run(args: argparse.Namespace) -> dict:
-    backend = dt.get_backend(args.backend, cpu_replicas=args.cpu_replicas)
+    backend = example_args.backend_of(args)
     import keras
     import tensorflow as tf
 
@@ -87,9 +82,7 @@ def run(args: argparse.Namespace) -> dict:
                          eval_metrics=[accuracy, val_loss], backend=backend)
     history = trainer.fit(data.from_files(train_files), global_batch_size=args.global_batch, epochs=args.epochs,
                           shuffle_seed=0, validation_data=data.from_files(test_files))
-    if args.history_json and backend.is_chief:
-        with open(args.history_json, "w") as f:
-            json.dump(history, f)
+    example_args.write_record(args, backend, history)
     return history
 
 
