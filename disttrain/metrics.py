@@ -149,18 +149,28 @@ def results_from_vector(backend: Backend, layout: StateLayout, summed: Any) -> d
     """``{metric name: float}`` computed with ``metric.stateless_result`` from the merged states.
 
     The metrics' own variables are left untouched. Non-scalar results are flattened by
-    :func:`result_items`. Warns (on the chief) about a :func:`from_function` metric that no step
-    updated: its 0 would otherwise pass for a result.
+    :func:`result_items`. Warns like :func:`warn_never_updated`.
     """
-    states = states_from_vector(backend, layout, summed)
-    for metric, values in states.items():
-        if metric in _FROM_FUNCTIONS and backend.is_chief:
-            count = [v for variable, v in zip(metric.variables, values) if "count" in variable.name]
-            if count and float(np.asarray(count[0])) == 0.0:
-                warnings.warn(f"metric {metric.name!r} (a plain function) was never updated, so it reads 0: "
-                              f"call its update_state(y_true, y_pred) in the step (it is in trainer.metrics or "
-                              f"trainer.eval_metrics)", stacklevel=2)
-    return flat_results({metric.name: metric.stateless_result(values) for metric, values in states.items()})
+    warn_never_updated(backend, layout, summed)
+    return flat_results(result_tensors(backend, layout, summed))
+
+
+def warn_never_updated(backend: Backend, layout: StateLayout, summed: Any) -> None:
+    """Warns (on the chief) about each :func:`from_function` metric whose merged count in ``summed``
+    (the all-reduced vector of :func:`pack_local_states`) is 0: no step updated it, and its 0 would
+    otherwise pass for a result."""
+    if not backend.is_chief:
+        return
+    summed = np.asarray(summed, np.float64).reshape(-1)
+    offset, seen = 0, {}
+    for slot in layout.slots:
+        index = seen[slot.metric] = seen.get(slot.metric, -1) + 1  # the slot's place among its metric's variables
+        value = summed[offset:offset + slot.size]
+        offset += slot.size
+        if slot.metric in _FROM_FUNCTIONS and "count" in slot.metric.variables[index].name and not value.any():
+            warnings.warn(f"metric {slot.metric.name!r} (a plain function) was never updated, so it reads 0: call "
+                          "its update_state(y_true, y_pred) in the step (it is in trainer.metrics or "
+                          "trainer.eval_metrics)", stacklevel=2)
 
 
 def flat_results(results: Mapping[str, Any]) -> dict[str, float]:

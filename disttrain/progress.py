@@ -16,7 +16,7 @@ from typing import IO, Any, Mapping
 
 import keras
 
-from disttrain.trainer import Callback
+from disttrain.callbacks import Callback
 
 
 def format_logs(logs: Mapping[str, float], *, skip: tuple = ()) -> str:

@@ -35,7 +35,7 @@ from tensorboard.plugins.histogram import metadata as histogram_metadata
 from tensorboard.plugins.scalar import metadata as scalar_metadata
 from tensorboard.util import tensor_util
 
-from disttrain.trainer import Callback
+from disttrain.callbacks import Callback
 
 HISTOGRAM_KINDS = ("weights", "gradients")
 HISTOGRAM_BUCKETS = 30  # TensorBoard's default

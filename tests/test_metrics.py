@@ -203,3 +203,42 @@ def test_a_function_metric_that_no_step_updated_warns_instead_of_reading_zero():
     assert results == [{"updated": 1.0, "forgotten": 0.0}] * 2
     messages = [str(w.message) for w in caught if "never updated" in str(w.message)]
     assert len(messages) == 1 and "'forgotten' (a plain function) was never updated" in messages[0]  # chief only
+
+
+def test_trainer_wraps_function_metrics_in_its_scope_and_warns_when_the_step_forgets_them():
+    import tensorflow as tf
+
+    import disttrain as dt
+    from disttrain.backends.single import SingleBackend
+
+    backend = SingleBackend(device="/cpu:0")
+    with backend.scope():
+        model = keras.Sequential([keras.Input(shape=(1,)), keras.layers.Dense(1)])
+        optimizer = keras.optimizers.SGD(0.01)
+
+    def keras_mae(y_true, y_pred):
+        return keras.ops.mean(keras.ops.abs(y_true - y_pred), axis=-1)
+
+    def step(ctx, batch, update=True):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            prediction = model(x, training=True)
+            loss = ctx.average_loss(keras.ops.mean(keras.ops.square(y - prediction), axis=-1))
+        ctx.apply_gradients(optimizer, tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        if update:
+            trainer.metrics[0].update_state(y, prediction)
+        return loss
+
+    x = np.linspace(-1, 1, 32, dtype="float32").reshape(-1, 1)
+    data = tf.data.Dataset.from_tensor_slices((x, 3 * x))
+    trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=step, backend=backend, metrics=[keras_mae],
+                         verbose=0)
+    assert isinstance(trainer.metrics[0], keras.metrics.MeanMetricWrapper)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = trainer.fit(data, global_batch_size=8, epochs=1)
+        assert history["keras_mae"][0] > 0 and not [w for w in caught if "never updated" in str(w.message)]
+        forgetful = dt.Trainer(model=model, optimizer=optimizer, backend=backend, metrics=[keras_mae], verbose=0,
+                               train_step=lambda ctx, batch: step(ctx, batch, update=False))
+        assert forgetful.fit(data, global_batch_size=8, epochs=1)["keras_mae"] == [0.0]
+    assert any("'keras_mae' (a plain function) was never updated" in str(w.message) for w in caught)
