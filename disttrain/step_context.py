@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -19,12 +20,29 @@ class StepContext:
       num_replicas: Replicas the global batch is split over.
     """
 
-    def __init__(self, *, backend: Backend, global_batch_size: int):
+    def __init__(self, *, backend: Backend, global_batch_size: int, marker: Any = None):
         self.backend = backend
         self.global_batch_size = global_batch_size
         self.num_replicas = backend.num_replicas
-        # (variable, local gradient) pairs, per replica thread, while tracing a gradient-histogram step
+        # Per replica thread, while tracing: (variable, local gradient) pairs of a gradient-histogram step,
+        # and the step-number tensor for the watchdog's gradient mark.
         self._capture = threading.local()
+        self._marker = marker  # a disttrain.watchdog.GradientMarker, or None
+        self._traced = self._traced_apply = False
+
+    @property
+    def applies_gradients(self) -> bool:
+        """Whether the step calls :meth:`apply_gradients` (True until it has been traced)."""
+        return self._traced_apply or not self._traced
+
+    def _begin_trace(self, step: Any, batch: Any) -> Any:
+        """Called by the trainer when the step is traced on a replica: ``step`` is the call's number for the
+        watchdog's marks (or None), ``batch`` this replica's input; returns the batch to hand the step."""
+        self._traced = True
+        self._capture.step = step
+        if self._marker is not None and step is not None:
+            return self._marker.mark_batch(step, batch)
+        return batch
 
     def average_loss(self, per_example_loss: tf.Tensor, sample_weight: tf.Tensor | None = None) -> tf.Tensor:
         """This replica's share of the mean loss over the GLOBAL batch: ``sum(loss * w) / global_batch``.
@@ -57,4 +75,8 @@ class StepContext:
         captured = getattr(self._capture, "pairs", None)
         if captured is not None:
             captured.extend((v, g) for g, v in zip(grads, variables) if g is not None)
+        step = getattr(self._capture, "step", None)
+        if self._marker is not None and step is not None:
+            self._marker.mark_gradients(step, grads)
+        self._traced_apply = True
         self.backend.apply_gradients(optimizer, grads, variables)

@@ -15,6 +15,7 @@ from disttrain import data as data_lib
 from disttrain import epoch_agreement
 from disttrain import metrics as metrics_lib
 from disttrain import step_logs
+from disttrain import watchdog as watchdog_lib
 from disttrain.checkpoint import Checkpointing, CheckpointSession, Progress
 from disttrain.preemption import Preempted, exit_now
 from disttrain.progress import ProgressBar
@@ -74,6 +75,9 @@ class Trainer:
         processes agree on the largest value asked for.
       checkpointing: A :class:`disttrain.Checkpointing`: periodic checkpoints, exact resume when ``fit``
         starts, and a checkpoint-then-exit(42) on SIGTERM/SIGINT (see ``disttrain.checkpoint``).
+      step_timeout: Seconds a step, eager collective, callback or checkpoint save may take inside ``fit``
+        and ``evaluate``; longer, and every rank prints where it is, dumps its Python stacks and exits with
+        code 124 (see ``disttrain.watchdog``). None (default) reads ``DISTTRAIN_STEP_TIMEOUT``; unset or 0: off.
 
     Raises:
       ValueError: If the model has no variables yet, or model/optimizer were created outside the scope.
@@ -85,8 +89,12 @@ class Trainer:
                  metrics: Iterable[keras.metrics.Metric | Callable] | None = None,
                  eval_metrics: Iterable[keras.metrics.Metric | Callable] | None = None,
                  callbacks: Iterable[Callback] = (), verbose: int = 1, print_fn: Callable[[str], None] | None = None,
-                 log_every_steps: int | None = None, checkpointing: Checkpointing | None = None):
+                 log_every_steps: int | None = None, checkpointing: Checkpointing | None = None,
+                 step_timeout: float | None = None):
         self.backend = backend or get_backend("auto")
+        self.step_timeout = watchdog_lib.timeout_from(step_timeout)
+        self._marker = watchdog_lib.GradientMarker(backend=self.backend) if self.step_timeout else None
+        self._watchdog: watchdog_lib.Watchdog | None = None
         self.model = model
         self._train_step, self._eval_step = train_step, eval_step
         self.metrics = metrics_lib.as_list(metrics, scope=self.backend.scope)  # functions: wrapped, in scope
@@ -120,6 +128,9 @@ class Trainer:
         self.backend.sync_initial_state([v for m in self.models for v in m.variables] +
                                         [v for o in self.optimizers for v in o.variables])
         self._functions: dict[tuple, Callable] = {}
+        self._contexts: dict[tuple, StepContext] = {}  # of the compiled steps (did the step apply gradients?)
+        self._called: set[tuple] = set()  # compiled steps called once (traced) already
+        self._step_calls = 0  # compiled step calls under the watchdog (the value of its in-graph marks)
         self.history: dict[str, list[float]] = {}
         self.stop_training = False
         self.epoch_lr: float | None = None  # the LR logged for the running epoch (that of its first step)
@@ -141,7 +152,8 @@ class Trainer:
         key = (kind, global_batch_size, gradients, masked)
         if key not in self._functions:
             step = self._train_step if kind == "train" else self._eval_step
-            ctx = StepContext(backend=self.backend, global_batch_size=global_batch_size)
+            ctx = StepContext(backend=self.backend, global_batch_size=global_batch_size, marker=self._marker)
+            self._contexts[key] = ctx
             backend = self.backend
 
             def outputs_of(batch):
@@ -150,7 +162,8 @@ class Trainer:
                     outputs[EXAMPLES] = tf.reduce_sum(tf.cast(data_lib.mask_of(batch), tf.float32))
                 return outputs
 
-            def replica_fn(batch):
+            def replica_fn(batch, step):
+                batch = ctx._begin_trace(step, batch)
                 if not gradients:
                     return outputs_of(batch)
                 ctx._capture.pairs = captured = []  # replicas may trace in parallel threads
@@ -160,20 +173,20 @@ class Trainer:
                     ctx._capture.pairs = None
                 return outputs, _named_gradients(captured)
 
-            def on_replicas(batch, control):
-                outputs = tf.nest.map_structure(backend.local_sum, backend.run(replica_fn, args=(batch,)))
+            def on_replicas(batch, control, step):
+                outputs = tf.nest.map_structure(backend.local_sum, backend.run(replica_fn, args=(batch, step)))
                 if control is None:
                     return outputs
                 # The stop/save flags of every process, in one small all-reduce beside the step's own.
                 return outputs, backend.reduce_across_processes(control, "max")
 
             @tf.function
-            def run(iterator, control=None):
-                return on_replicas(next(iterator), control)
+            def run(iterator, control=None, step=None):
+                return on_replicas(next(iterator), control, step)
 
             @tf.function
-            def run_batch(batch, control=None):  # unknown-length pipelines: the batch was fetched and agreed on
-                return on_replicas(batch, control)
+            def run_batch(batch, control=None, step=None):  # unknown length: the batch was fetched and agreed on
+                return on_replicas(batch, control, step)
 
             self._functions[key] = (run, run_batch)
         return self._functions[key]
@@ -182,6 +195,8 @@ class Trainer:
         """Drops the traced steps so the next step is traced again (e.g. after the optimizer's learning
         rate object was replaced: a traced step keeps applying the one it captured)."""
         self._functions.clear()
+        self._contexts.clear()
+        self._called.clear()
 
     def _run_epoch(self, kind: str, data: Any, *, global_batch_size: int, epoch: int,
                    steps: int | None, seed: int | None, remainder: str = "drop",
@@ -205,16 +220,18 @@ class Trainer:
         ran = 0
         while epoch_input.steps is None or ran < epoch_input.steps:
             wants_gradients = step_logger is not None and step_logger.wants_gradients(self.global_step + 1)
+            key = (kind, global_batch_size, wants_gradients, epoch_input.masked)
             run, run_batch = self._function(kind, global_batch_size, gradients=wants_gradients,
                                             masked=epoch_input.masked)
             control = session.control() if session is not None else None
             if epoch_input.steps is None:  # unknown length: the processes agree on every batch
-                batch = epoch_input.next_agreed()
+                with self._phase("input", "the next batch of a pipeline of unknown length"):
+                    batch = epoch_input.next_agreed()
                 if batch is None:
                     break
-                result = run_batch(batch, control)
+                result = self._call(key, run_batch, batch, control)
             else:
-                result = run(epoch_input.iterator, control)
+                result = self._call(key, run, epoch_input.iterator, control)
             if session is not None:
                 result, control = result
             outputs, grads = result if wants_gradients else (result, None)
@@ -226,7 +243,8 @@ class Trainer:
             if step_logger is not None:
                 step_logger.after_step(step=self.global_step, epoch_step=done + ran, totals=totals, gradients=grads)
             if session is not None:
-                session.after_step(control=control, totals=totals)
+                with self._phase("checkpoint", "the checkpoint after a step"):
+                    session.after_step(control=control, totals=totals)
         steps = done + ran
         if steps == 0:
             raise ValueError(f"an epoch has 0 steps of global batch {global_batch_size}; "
@@ -243,8 +261,42 @@ class Trainer:
         logs.update(reduced.metrics)
         return logs, ran, reduced.seconds / backend.size
 
+    def _call(self, key: tuple, fn: Callable, source: Any, control: Any) -> Any:
+        """Calls the compiled step ``fn`` on ``source`` (iterator or batch), watched by the watchdog."""
+        if self._watchdog is None:
+            return fn(source, control)
+        self._step_calls += 1  # the marks' value for this call
+        first = key not in self._called
+        self._called.add(key)
+        self._watchdog.step_applies_gradients = self._contexts[key].applies_gradients
+        what = f"train step {self.global_step + 1}" if key[0] == "train" else "eval step"
+        with self._watchdog.phase("step", what, mark=self._step_calls, first=first):
+            return fn(source, control, tf.constant(self._step_calls, tf.int64))
+
+    def _phase(self, kind: str, what: str) -> contextlib.AbstractContextManager:
+        return self._watchdog.phase(kind, what) if self._watchdog is not None else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _watching(self):
+        """Arms the stall watchdog (with ``step_timeout``) for a ``fit`` or ``evaluate`` (once if nested)."""
+        if not self.step_timeout or self._watchdog is not None:
+            yield
+            return
+        backend = self.backend
+        self._watchdog = watchdog_lib.Watchdog(
+            timeout=self.step_timeout, identity=f"{backend.name}: rank {backend.rank} of {backend.size}",
+            where=lambda: (f"after global step {self.global_step} (epoch {self.epoch + 1}, step {self.epoch_step}/"
+                           f"{self.epoch_steps if self.epoch_steps is not None else '?'})"),
+            hint=backend.stall_hint(), input_waits_for_peers=backend.input_waits_for_peers, marker=self._marker)
+        try:
+            with self._watchdog:
+                yield
+        finally:
+            self._watchdog = None
+
     def _dispatch(self, hook: str, *args: Any) -> None:
-        dispatch(self.callbacks, hook, self, *args)
+        dispatch(self.callbacks, hook, self, *args,
+                 phase=None if self._watchdog is None else functools.partial(self._watchdog.phase, "callback"))
 
     def run_config(self) -> dict[str, Any]:
         """The run's configuration (backend, topology, optimizer, ``fit`` arguments), e.g. for a summary."""
@@ -313,7 +365,7 @@ class Trainer:
         self._dispatch("on_train_begin")
         logs: dict[str, float] = {}
         try:
-            with session.watcher if session is not None else contextlib.nullcontext():
+            with session.watcher if session is not None else contextlib.nullcontext(), self._watching():
                 for epoch in range(first_epoch, initial_epoch + epochs):
                     logs = self._train_epoch(
                         data, epoch=epoch, steps_per_epoch=steps_per_epoch, shuffle_seed=shuffle_seed,
@@ -386,6 +438,7 @@ class Trainer:
             raise ValueError("evaluate needs an eval_step; pass eval_step=fn(ctx, batch) to Trainer")
         metrics_lib.reset(self.eval_metrics)
         data_lib.check_data(data, model=self.model)
-        logs, _, _ = self._run_epoch("eval", data, global_batch_size=global_batch_size, epoch=0,
-                                     steps=steps, seed=None, remainder=remainder, metrics=self.eval_metrics)
+        with self._watching():
+            logs, _, _ = self._run_epoch("eval", data, global_batch_size=global_batch_size, epoch=0,
+                                         steps=steps, seed=None, remainder=remainder, metrics=self.eval_metrics)
         return logs

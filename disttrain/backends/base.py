@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterator
 
 import tensorflow as tf
 
+from disttrain import watchdog
+
 REDUCE_OPS = ("sum", "mean", "max", "min")
 
 
@@ -149,11 +151,12 @@ class Backend(abc.ABC):
         tensor = tf.convert_to_tensor(value, dtype=tf.float64 if isinstance(value, float) else None)
         if self.size == 1:
             result = tensor
-        elif op == "mean":
-            result = self._all_reduce_tensor(tensor, "sum")
-            result = result / tf.cast(self.size, result.dtype) if result.dtype.is_floating else result // self.size
         else:
-            result = self._all_reduce_tensor(tensor, op)
+            with watchdog.collective(f"all_reduce({op})"):
+                result = self._all_reduce_tensor(tensor, "sum" if op == "mean" else op)
+                if op == "mean":
+                    result = (result / tf.cast(self.size, result.dtype) if result.dtype.is_floating
+                              else result // self.size)
         if is_python:
             return type(value)(result.numpy())
         if is_numpy:
@@ -165,7 +168,8 @@ class Backend(abc.ABC):
         is_python = isinstance(value, (int, float)) and not isinstance(value, bool)
         tensor = tf.convert_to_tensor(value, dtype=tf.float64 if isinstance(value, float) else None)
         if self.size > 1:
-            tensor = self._broadcast_tensor(tensor, root)
+            with watchdog.collective(f"broadcast(root={root})"):
+                tensor = self._broadcast_tensor(tensor, root)
         if is_python:
             return type(value)(tensor.numpy())
         return tensor if tf.is_tensor(value) else tensor.numpy()
@@ -179,7 +183,8 @@ class Backend(abc.ABC):
     def barrier(self) -> None:
         """Blocks until every process has reached this call."""
         if self.size > 1:
-            self._all_reduce_tensor(tf.constant(1, tf.int32), "sum").numpy()
+            with watchdog.collective("barrier"):
+                self._all_reduce_tensor(tf.constant(1, tf.int32), "sum").numpy()
 
     def reduce_across_processes(self, value: tf.Tensor, op: str) -> tf.Tensor:
         """Reduces one tensor per process over all processes, eagerly or inside ``tf.function``.
@@ -194,6 +199,14 @@ class Backend(abc.ABC):
         if self.size == 1:
             return tf.identity(value)
         return self._all_reduce_tensor(value, check_reduce_op(op))
+
+    #: Whether the input iterator runs a collective for every batch (then a rank waiting for its batch
+    #: may wait for a peer); read by the stall watchdog.
+    input_waits_for_peers: bool = False
+
+    def stall_hint(self) -> str:
+        """Advice the stall watchdog adds to its message on this backend ("" for none)."""
+        return ""
 
     # -- checkpoints ---------------------------------------------------------------------------
     def checkpoint_writer(self, directory: str) -> str | None:

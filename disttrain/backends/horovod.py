@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Callable
 
 import tensorflow as tf
 
 from disttrain.backends.base import Backend, InputContext
+from disttrain.watchdog import TIMEOUT_ENV
 
 SETUP_HINT = ("run scripts/setup.sh in the disttrain checkout to build and install it (`make demo` and "
               "`make test` run it too)")
@@ -21,6 +23,22 @@ def import_horovod():
         raise ImportError(f"the horovod backend needs Horovod with TensorFlow support, which is not "
                           f"installed here ({err}); {SETUP_HINT}") from err
     return hvd
+
+
+def stall_check_env(environ: dict) -> dict[str, str]:
+    """Horovod's stall inspector settings derived from disttrain's watchdog timeout, unless the user set
+    them: ``HOROVOD_STALL_CHECK_TIME_SECONDS`` = a quarter of ``DISTTRAIN_STEP_TIMEOUT`` (at least 1), so
+    Horovod names the ranks missing from a collective before the watchdog aborts: for a tensor in its
+    response cache (every step after the first) it needs two to three check periods (MPI controller
+    only: see :meth:`HorovodBackend.stall_hint`)."""
+    raw = environ.get(TIMEOUT_ENV, "").strip()
+    if not raw or "HOROVOD_STALL_CHECK_TIME_SECONDS" in environ:
+        return {}
+    try:
+        seconds = float(raw)
+    except ValueError:
+        return {}  # the trainer reports the bad value
+    return {"HOROVOD_STALL_CHECK_TIME_SECONDS": str(max(1, int(seconds / 4)))} if seconds > 0 else {}
 
 
 def _raw(variable: Any) -> tf.Variable:
@@ -45,6 +63,7 @@ class HorovodBackend(Backend):
     def __init__(self, *, compression: str = "none"):
         hvd = import_horovod()
         self._hvd = hvd
+        os.environ.update(stall_check_env(os.environ))  # read by hvd.init()
         hvd.init()
         gpus = tf.config.list_physical_devices("GPU")
         if gpus:
@@ -111,6 +130,14 @@ class HorovodBackend(Backend):
 
     def _broadcast_tensor(self, value: tf.Tensor, root: int) -> tf.Tensor:
         return self._hvd.broadcast(value, root_rank=root)
+
+    def stall_hint(self) -> str:
+        # Horovod 0.28.1's Gloo controller never fills the rank list its stall inspector loops over
+        # (gloo_controller.cc: global_ranks_.reserve(size_) then writes through data(), so size() stays 0),
+        # so "Missing ranks" is printed under mpirun / horovodrun --mpi only.
+        return ("Horovod's own stall inspector (HOROVOD_STALL_CHECK_TIME_SECONDS, printed by rank 0) names the ranks "
+                "missing from a collective under mpirun or horovodrun --mpi; Horovod 0.28.1 under Gloo "
+                "(horovodrun --gloo) never prints it.")
 
     # -- input ---------------------------------------------------------------------------------
     def distribute_dataset(self, dataset_fn: Callable[[InputContext], tf.data.Dataset], *,

@@ -38,6 +38,12 @@ class StrategyBackend(Backend):
         return self._rank
 
     @property
+    def input_waits_for_peers(self) -> bool:
+        # Over several workers, tf.distribute's iterator all-reduces "has a batch" at every batch of a
+        # finite dataset (input_lib._calculate_replicas_with_values).
+        return self._size > 1
+
+    @property
     def size(self) -> int:
         return self._size
 
