@@ -124,6 +124,10 @@ class Source:
         if size < 0:
             return None
         total = sum(self.counts) if self.files is not None else size
+        if total == 0:
+            raise ValueError(f"the dataset is empty (0 examples{f' in {len(self.files)} file(s)' if self.files else ''}); "
+                             "there is nothing to train or evaluate on: check the data source (e.g. a filter "
+                             "that drops everything, or files without records)")
         if remainder == "drop" and mode != "off" and total < context.global_batch_size:
             raise ValueError(f"global batch {context.global_batch_size} is larger than the dataset ({total} "
                              f"examples); use a global batch of at most {total}, or remainder='pad'")

@@ -197,11 +197,12 @@ def element_sharded(dataset: tf.data.Dataset, context: InputContext, *, seed: in
         check_unbatched(dataset)
     size = int(dataset.cardinality())
     global_batch = context.global_batch_size
+    if size == 0:
+        raise ValueError("the dataset is empty (0 examples); there is nothing to train or evaluate on: check the "
+                         "data source (e.g. a filter that drops everything)")
     if remainder == "drop" and 0 <= size < global_batch:
         raise ValueError(f"global batch {global_batch} is larger than the dataset ({size} examples); "
                          f"use a global batch of at most {size}, or remainder='pad'")
-    if size == 0:
-        raise ValueError("the dataset is empty; there is nothing to train or evaluate on")
     stream = _shuffled(dataset, seed=seed, epoch=epoch, buffer=shuffle_buffer, size=size)
     steps = _batch_steps(stream, batch=global_batch, remainder=remainder, decode_batch=decode_batch)
     return _finish(steps, context, pad_to_steps=pad_to_steps, parts=context.num_replicas_in_sync,

@@ -12,6 +12,8 @@ import numpy as np
 import tensorflow as tf
 
 from disttrain import data as data_lib
+from disttrain import data_checks
+from disttrain import drift as drift_lib
 from disttrain import epoch_agreement
 from disttrain import metrics as metrics_lib
 from disttrain import step_logs
@@ -78,6 +80,9 @@ class Trainer:
       step_timeout: Seconds a step, eager collective, callback or checkpoint save may take inside ``fit``
         and ``evaluate``; longer, and every rank prints where it is, dumps its Python stacks and exits with
         code 124 (see ``disttrain.watchdog``). None (default) reads ``DISTTRAIN_STEP_TIMEOUT``; unset or 0: off.
+      drift_check_every_steps: Every so many train steps, compare checksums of the trainable and optimizer
+        variables over every replica (one all-reduce) and raise :class:`disttrain.drift.DriftError`, naming
+        the first variable that differs, when they are out of sync (see ``disttrain.drift``). 0: off.
 
     Raises:
       ValueError: If the model has no variables yet, or model/optimizer were created outside the scope.
@@ -90,7 +95,7 @@ class Trainer:
                  eval_metrics: Iterable[keras.metrics.Metric | Callable] | None = None,
                  callbacks: Iterable[Callback] = (), verbose: int = 1, print_fn: Callable[[str], None] | None = None,
                  log_every_steps: int | None = None, checkpointing: Checkpointing | None = None,
-                 step_timeout: float | None = None):
+                 step_timeout: float | None = None, drift_check_every_steps: int = 0):
         self.backend = backend or get_backend("auto")
         self.step_timeout = watchdog_lib.timeout_from(step_timeout)
         self._marker = watchdog_lib.GradientMarker(backend=self.backend) if self.step_timeout else None
@@ -127,6 +132,9 @@ class Trainer:
                 opt.build(self.trainable_variables)
         self.backend.sync_initial_state([v for m in self.models for v in m.variables] +
                                         [v for o in self.optimizers for v in o.variables])
+        self._drift = drift_lib.DriftCheck(
+            backend=self.backend, every_steps=drift_check_every_steps,
+            variables=self.trainable_variables + [v for o in self.optimizers for v in o.variables])
         self._functions: dict[tuple, Callable] = {}
         self._contexts: dict[tuple, StepContext] = {}  # of the compiled steps (did the step apply gradients?)
         self._called: set[tuple] = set()  # compiled steps called once (traced) already
@@ -229,9 +237,9 @@ class Trainer:
                     batch = epoch_input.next_agreed()
                 if batch is None:
                     break
-                result = self._call(key, run_batch, batch, control)
+                result = self._call(key, run_batch, batch, control, element_spec=epoch_input.element_spec)
             else:
-                result = self._call(key, run, epoch_input.iterator, control)
+                result = self._call(key, run, epoch_input.iterator, control, element_spec=epoch_input.element_spec)
             if session is not None:
                 result, control = result
             outputs, grads = result if wants_gradients else (result, None)
@@ -242,12 +250,15 @@ class Trainer:
                 self.epoch_step = done + ran
             if step_logger is not None:
                 step_logger.after_step(step=self.global_step, epoch_step=done + ran, totals=totals, gradients=grads)
+            if kind == "train" and self._drift.due(self.global_step):
+                self._drift.check(where=f"after global step {self.global_step}")
             if session is not None:
                 with self._phase("checkpoint", "the checkpoint after a step"):
                     session.after_step(control=control, totals=totals)
         steps = done + ran
         if steps == 0:
-            raise ValueError(f"an epoch has 0 steps of global batch {global_batch_size}; "
+            raise ValueError(f"an epoch has 0 steps of global batch {global_batch_size}: a pipeline of unknown length "
+                             "ended before the first step (is the input empty, e.g. filtered away?); "
                              "use a smaller global batch or more data")
         if kind == "train":
             self.epoch_steps = steps
@@ -261,17 +272,25 @@ class Trainer:
         logs.update(reduced.metrics)
         return logs, ran, reduced.seconds / backend.size
 
-    def _call(self, key: tuple, fn: Callable, source: Any, control: Any) -> Any:
-        """Calls the compiled step ``fn`` on ``source`` (iterator or batch), watched by the watchdog."""
-        if self._watchdog is None:
-            return fn(source, control)
-        self._step_calls += 1  # the marks' value for this call
-        first = key not in self._called
-        self._called.add(key)
-        self._watchdog.step_applies_gradients = self._contexts[key].applies_gradients
-        what = f"train step {self.global_step + 1}" if key[0] == "train" else "eval step"
-        with self._watchdog.phase("step", what, mark=self._step_calls, first=first):
-            return fn(source, control, tf.constant(self._step_calls, tf.int64))
+    def _call(self, key: tuple, fn: Callable, source: Any, control: Any, *, element_spec: Any) -> Any:
+        """Calls the compiled step ``fn`` on ``source`` (iterator or batch), watched by the watchdog; a dtype
+        clash between the labels (of ``element_spec``) and the model's output, which TF reports when it
+        traces the step, is re-raised with both dtypes and the fix."""
+        try:
+            if self._watchdog is None:
+                return fn(source, control)
+            self._step_calls += 1  # the marks' value for this call
+            first = key not in self._called
+            self._called.add(key)
+            self._watchdog.step_applies_gradients = self._contexts[key].applies_gradients
+            what = f"train step {self.global_step + 1}" if key[0] == "train" else "eval step"
+            with self._watchdog.phase("step", what, mark=self._step_calls, first=first):
+                return fn(source, control, tf.constant(self._step_calls, tf.int64))
+        except TypeError as err:
+            explained = data_checks.explain_dtype_mismatch(err, element_spec=element_spec, model=self.model)
+            if explained is None:
+                raise
+            raise explained from err
 
     def _phase(self, kind: str, what: str) -> contextlib.AbstractContextManager:
         return self._watchdog.phase(kind, what) if self._watchdog is not None else contextlib.nullcontext()
