@@ -676,7 +676,7 @@ def _with_end_flag(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def epoch_input(backend: Backend, data: Any, *, global_batch_size: int, epoch: int = 0, seed: int | None = None,
-                steps: int | None = None, remainder: str = "drop") -> EpochInput:
+                steps: int | None = None, remainder: str = "drop", skip_steps: int = 0) -> EpochInput:
     """Builds this process's input for one epoch and agrees with the other processes on its length.
 
     Each process computes how many steps its pipeline gives; one all-reduce yields the minimum (for
@@ -693,9 +693,12 @@ def epoch_input(backend: Backend, data: Any, *, global_batch_size: int, epoch: i
       seed: Shuffle seed; None keeps the order.
       steps: Steps wanted (``steps_per_epoch``); required for infinite datasets.
       remainder: ``drop`` or ``pad``.
+      skip_steps: Steps of this epoch already done (a resumed run): the pipelines skip their first
+        ``skip_steps`` step inputs, and ``steps`` of the result counts the remaining ones only.
 
     Raises:
-      ValueError: For an infinite dataset without ``steps``, or an epoch of 0 steps.
+      ValueError: For an infinite dataset without ``steps``, an epoch of 0 steps, or ``skip_steps``
+        beyond the epoch's end.
     """
     _check_choice("remainder", remainder, REMAINDERS)
     context = backend.input_context(global_batch_size)
@@ -721,9 +724,10 @@ def epoch_input(backend: Backend, data: Any, *, global_batch_size: int, epoch: i
             raise ValueError("remainder='pad' needs pipelines of known length; the dataset's cardinality is "
                              "unknown (e.g. after filter()): use remainder='drop', or set it with "
                              "dataset.apply(tf.data.experimental.assert_cardinality(n))")
-        iterator = iter(backend.distribute_dataset(lambda ctx: _with_end_flag(build(ctx)),
+        iterator = iter(backend.distribute_dataset(lambda ctx: _with_end_flag(_skipped(build(ctx), ctx, skip_steps)),
                                                    global_batch_size=global_batch_size))
-        return EpochInput(backend=backend, iterator=iterator, steps=None, max_steps=steps)
+        return EpochInput(backend=backend, iterator=iterator, steps=None,
+                          max_steps=None if steps is None else max(0, steps - skip_steps))
     available = highest if padded else lowest
     if available >= _BIG and steps is None:
         raise ValueError("the dataset is infinite (it repeats); pass steps_per_epoch (or validation_steps) "
@@ -736,12 +740,26 @@ def epoch_input(backend: Backend, data: Any, *, global_batch_size: int, epoch: i
         raise ValueError(f"an epoch has 0 steps of global batch {global_batch_size} (a pipeline has fewer "
                          "examples than its share of one batch); use a smaller global batch, more data, "
                          "or remainder='pad'")
+    if skip_steps > run_steps:
+        raise ValueError(f"cannot skip {skip_steps} steps of an epoch of {run_steps} steps of global batch "
+                         f"{global_batch_size}: the data changed since the checkpoint; resume with the same data")
+    remaining = run_steps - skip_steps
+    if remaining == 0:  # resumed right at the epoch's end: nothing to read
+        return EpochInput(backend=backend, iterator=None, steps=0, max_steps=0, masked=padded)
     if padded and highest > lowest:
-        fn = lambda ctx: build(ctx, pad_to_steps=run_steps)  # noqa: E731
+        fn = lambda ctx: _skipped(build(ctx, pad_to_steps=run_steps), ctx, skip_steps)  # noqa: E731
     else:
-        fn = build
+        fn = lambda ctx: _skipped(build(ctx), ctx, skip_steps)  # noqa: E731
     iterator = iter(backend.distribute_dataset(fn, global_batch_size=global_batch_size))
-    return EpochInput(backend=backend, iterator=iterator, steps=run_steps, max_steps=run_steps, masked=padded)
+    return EpochInput(backend=backend, iterator=iterator, steps=remaining, max_steps=remaining, masked=padded)
+
+
+def _skipped(dataset: tf.data.Dataset, context: InputContext, steps: int) -> tf.data.Dataset:
+    """``dataset`` (per-replica batches) without its first ``steps`` step inputs. The skipped batches
+    are still read (not trained on): the position comes from the step count, never from an iterator."""
+    if not steps:
+        return dataset
+    return dataset.skip(steps * context.replicas_per_pipeline)
 
 
 def check_data(data: Any, *, model: Any = None) -> None:

@@ -4,8 +4,8 @@ The decision *when* to reduce is taken identically on every process (from the gl
 an interval agreed on by all processes when ``fit`` starts), because every process must take part in
 each collective; only what callbacks do with the values (write summaries, print) depends on the rank.
 
-At a logging step the vector ``[running output totals..., window seconds, metric states...]`` is
-summed over all processes once. Callbacks then get, on every process, identical values:
+At a logging step the running totals of the epoch (:class:`disttrain.totals.EpochTotals`: output
+sums, window seconds, metric states) are summed over all processes once. Callbacks then get, on every process, identical values:
 
   * each step output (``loss`` ...): its mean over the epoch's steps so far, summed over replicas
     (at the epoch's last step this equals the epoch's value);
@@ -27,14 +27,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import weakref
 from typing import TYPE_CHECKING
 
 import numpy as np
 import tensorflow as tf
 
-from disttrain import metrics as metrics_lib
 from disttrain.callbacks import Callback, current_learning_rate
+from disttrain.totals import EpochTotals
 
 if TYPE_CHECKING:  # pragma: no cover
     from disttrain.trainer import Trainer
@@ -114,15 +113,15 @@ class StepLogger:
         self.intervals = intervals
         self._last = time.perf_counter()
         self._last_step = 0
-        self._layout, self._pack, self._results = _compiled(trainer)
 
-    def begin_epoch(self, *, steps: int) -> None:
-        """Starts the timing window; call just before an epoch's first step."""
+    def begin_epoch(self, *, steps: int | None, done: int = 0) -> None:
+        """Starts the timing window; call just before an epoch's first step (or, resuming, the first
+        step after the ``done`` ones)."""
         self.trainer.epoch_steps = steps
-        self.trainer.epoch_step = 0
+        self.trainer.epoch_step = done
         self._profile(next_step=self.trainer.global_step + 1)
         self._last = time.perf_counter()
-        self._last_step = 0
+        self._last_step = done
 
     def _profile(self, *, next_step: int) -> None:
         """Starts the callbacks' profiles that begin at ``next_step``, stops those that ended before it."""
@@ -138,14 +137,14 @@ class StepLogger:
         every = self.intervals.histogram_every_steps
         return self.intervals.gradients and every > 0 and step % every == 0
 
-    def after_step(self, *, step: int, epoch_step: int, totals: dict[str, tf.Tensor],
+    def after_step(self, *, step: int, epoch_step: int, totals: EpochTotals,
                    gradients: dict[str, tf.Tensor] | None = None) -> None:
         """Called on every process after every train step; communicates only at agreed steps.
 
         Args:
           step: Global step number just completed (1-based, continues across epochs).
           epoch_step: Steps completed in this epoch (1-based).
-          totals: Running sums over this epoch of each step output, over this process's replicas.
+          totals: This process's running totals of the epoch.
           gradients: ``{variable name: local gradient sum}`` on gradient steps, else None.
         """
         trainer = self.trainer
@@ -161,52 +160,19 @@ class StepLogger:
         if self.intervals.profile_steps:
             self._profile(next_step=step + 1)
 
-    def _reduce(self, *, epoch_step: int, totals: dict[str, tf.Tensor]) -> dict[str, float]:
+    def _reduce(self, *, epoch_step: int, totals: EpochTotals) -> dict[str, float]:
         trainer, backend = self.trainer, self.trainer.backend
-        now = time.perf_counter()
         window_steps = epoch_step - self._last_step
-        elapsed = now - self._last
-        names = sorted(totals)
-        local = self._pack([totals[n] for n in names], tf.constant(elapsed, tf.float64))
-        summed = backend.all_reduce(local, "sum")
-        values = np.asarray(summed)
-        logs = {n: float(v) / epoch_step for n, v in zip(names, values[:len(names)])}
-        if self._layout.slots:
-            logs.update(metrics_lib.flat_results(self._results(summed[len(names) + 1:])))
+        reduced = totals.reduce(seconds=time.perf_counter() - self._last)
+        logs = {n: v / epoch_step for n, v in reduced.sums.items()}
+        logs.update(reduced.metrics)
         logs["lr"] = current_learning_rate(trainer.optimizer)
-        seconds = float(summed[len(names)]) / backend.size
+        seconds = reduced.seconds / backend.size
         if window_steps > 0 and seconds > 0:
             logs["examples_per_sec"] = window_steps * trainer.global_batch_size / seconds
             logs["step_time"] = seconds / window_steps
         self._last, self._last_step = time.perf_counter(), epoch_step
         return logs
-
-
-_COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _compiled(trainer: "Trainer") -> tuple:
-    """``(layout, pack, results)`` for the trainer's metrics, compiled once per trainer and metric list.
-
-    Packing the states and computing the results are many small ops: compiled, each is one call.
-    """
-    backend, metrics = trainer.backend, list(trainer.metrics)
-    cached = _COMPILED.get(trainer)
-    if cached is not None and cached[0] == [id(m) for m in metrics]:
-        return cached[1]
-    _, layout = metrics_lib.pack_local_states(backend, metrics)
-
-    @tf.function
-    def pack(totals: list, elapsed: tf.Tensor) -> tf.Tensor:
-        head = [tf.cast(t, tf.float64) for t in totals] + [elapsed]
-        return tf.concat([tf.stack(head), metrics_lib.pack_local_states(backend, metrics)[0]], 0)
-
-    @tf.function
-    def results(summed: tf.Tensor) -> dict:
-        return metrics_lib.result_tensors(backend, layout, summed)
-
-    _COMPILED[trainer] = ([id(m) for m in metrics], (layout, pack, results))
-    return layout, pack, results
 
 
 def _all_reduce_structure(backend, values: dict[str, tf.Tensor]) -> dict[str, np.ndarray]:

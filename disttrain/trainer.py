@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -13,14 +14,16 @@ import tensorflow as tf
 from disttrain import data as data_lib
 from disttrain import metrics as metrics_lib
 from disttrain import step_logs
+from disttrain.checkpoint import Checkpointing, CheckpointSession, Progress
+from disttrain.preemption import Preempted, exit_now
 from disttrain.progress import ProgressBar
 from disttrain.backends import Backend, get_backend
 from disttrain.callbacks import Callback, current_learning_rate, dispatch
 from disttrain.step_context import StepContext
+from disttrain.totals import EXAMPLES, EpochTotals
 
 
 StepFn = Callable[[StepContext, Any], Any]
-EXAMPLES = "__examples__"  # the count of real examples in a step's outputs, for padded (masked) input
 
 
 def _named_gradients(pairs: list) -> dict[str, tf.Tensor]:
@@ -66,6 +69,8 @@ class Trainer:
         over all processes and call the callbacks' ``on_step_logs`` (one all-reduce). 0 turns this off;
         None (default) uses 50 when a progress bar or a callback consumes step logs, else 0. The
         processes agree on the largest value asked for.
+      checkpointing: A :class:`disttrain.Checkpointing`: periodic checkpoints, exact resume when ``fit``
+        starts, and a checkpoint-then-exit(42) on SIGTERM/SIGINT (see ``disttrain.checkpoint``).
 
     Raises:
       ValueError: If the model has no variables yet, or model/optimizer were created outside the scope.
@@ -77,7 +82,7 @@ class Trainer:
                  metrics: Iterable[keras.metrics.Metric] | None = None,
                  eval_metrics: Iterable[keras.metrics.Metric] | None = None,
                  callbacks: Iterable[Callback] = (), verbose: int = 1, print_fn: Callable[[str], None] | None = None,
-                 log_every_steps: int | None = None):
+                 log_every_steps: int | None = None, checkpointing: Checkpointing | None = None):
         self.backend = backend or get_backend("auto")
         self.model = model
         self._train_step, self._eval_step = train_step, eval_step
@@ -114,6 +119,11 @@ class Trainer:
         self._functions: dict[tuple, Callable] = {}
         self.history: dict[str, list[float]] = {}
         self.stop_training = False
+        self.epoch_lr: float | None = None  # the LR logged for the running epoch (that of its first step)
+        if checkpointing is not None and not isinstance(checkpointing, Checkpointing):
+            raise TypeError(f"checkpointing must be a disttrain.Checkpointing, got {checkpointing!r}; e.g. "
+                            "checkpointing=dt.Checkpointing('runs/exp/ckpt', every_steps=500)")
+        self.checkpointing = CheckpointSession(config=checkpointing, trainer=self) if checkpointing else None
 
     @property
     def trainable_variables(self) -> list:
@@ -147,15 +157,20 @@ class Trainer:
                     ctx._capture.pairs = None
                 return outputs, _named_gradients(captured)
 
-            @tf.function
-            def run(iterator):
-                per_replica = backend.run(replica_fn, args=(next(iterator),))
-                return tf.nest.map_structure(backend.local_sum, per_replica)
+            def on_replicas(batch, control):
+                outputs = tf.nest.map_structure(backend.local_sum, backend.run(replica_fn, args=(batch,)))
+                if control is None:
+                    return outputs
+                # The stop/save flags of every process, in one small all-reduce beside the step's own.
+                return outputs, backend.reduce_across_processes(control, "max")
 
             @tf.function
-            def run_batch(batch):  # for pipelines of unknown length: the batch was fetched and agreed on
-                per_replica = backend.run(replica_fn, args=(batch,))
-                return tf.nest.map_structure(backend.local_sum, per_replica)
+            def run(iterator, control=None):
+                return on_replicas(next(iterator), control)
+
+            @tf.function
+            def run_batch(batch, control=None):  # unknown-length pipelines: the batch was fetched and agreed on
+                return on_replicas(batch, control)
 
             self._functions[key] = (run, run_batch)
         return self._functions[key]
@@ -167,62 +182,63 @@ class Trainer:
 
     def _run_epoch(self, kind: str, data: Any, *, global_batch_size: int, epoch: int,
                    steps: int | None, seed: int | None, remainder: str = "drop",
-                   metrics: Sequence[keras.metrics.Metric] = (), step_logger: step_logs.StepLogger | None = None
-                   ) -> tuple[dict[str, float], int, float]:
+                   metrics: Sequence[keras.metrics.Metric] = (), step_logger: step_logs.StepLogger | None = None,
+                   resume: Progress | None = None) -> tuple[dict[str, float], int, float]:
+        """Runs one epoch (from ``resume``'s position when given) and returns ``(logs, steps run here,
+        seconds)``; every process runs the same steps and gets the same logs."""
         backend = self.backend
+        session = self.checkpointing if kind == "train" else None
+        done = resume.epoch_step if resume is not None else 0
         # Every process runs the same number of steps (agreed through the backend's all-reduce).
         epoch_input = data_lib.epoch_input(backend, data, global_batch_size=global_batch_size, epoch=epoch,
-                                           seed=seed, steps=steps, remainder=remainder)
-        totals: dict[str, tf.Tensor] = {}
+                                           seed=seed, steps=steps, remainder=remainder, skip_steps=done)
+        totals = EpochTotals(backend=backend, metrics=metrics, carry=resume.carry if resume is not None else None)
+        if kind == "train":
+            self.epoch_step = done
+            self.epoch_steps = None if epoch_input.steps is None else done + epoch_input.steps
         if step_logger is not None:  # with unknown lengths, steps_per_epoch is the best guess of the total
-            step_logger.begin_epoch(steps=epoch_input.steps or epoch_input.max_steps)
+            step_logger.begin_epoch(steps=self.epoch_steps or epoch_input.max_steps, done=done)
         start = time.perf_counter()
-        steps, local_real = 0, tf.constant(0.0)  # unmasked examples seen here (padded input only)
-        while epoch_input.steps is None or steps < epoch_input.steps:
+        ran = 0
+        while epoch_input.steps is None or ran < epoch_input.steps:
             wants_gradients = step_logger is not None and step_logger.wants_gradients(self.global_step + 1)
             run, run_batch = self._function(kind, global_batch_size, gradients=wants_gradients,
                                             masked=epoch_input.masked)
+            control = session.control() if session is not None else None
             if epoch_input.steps is None:  # unknown length: the processes agree on every batch
                 batch = epoch_input.next_agreed()
                 if batch is None:
                     break
-                result = run_batch(batch)
+                result = run_batch(batch, control)
             else:
-                result = run(epoch_input.iterator)
+                result = run(epoch_input.iterator, control)
+            if session is not None:
+                result, control = result
             outputs, grads = result if wants_gradients else (result, None)
-            if epoch_input.masked:
-                local_real += outputs.pop(EXAMPLES)
-            steps += 1
-            totals = {k: totals[k] + v for k, v in outputs.items()} if totals else dict(outputs)
+            totals.add(outputs)
+            ran += 1
             if kind == "train":
                 self.global_step += 1
+                self.epoch_step = done + ran
             if step_logger is not None:
-                step_logger.after_step(step=self.global_step, epoch_step=steps, totals=totals, gradients=grads)
+                step_logger.after_step(step=self.global_step, epoch_step=done + ran, totals=totals, gradients=grads)
+            if session is not None:
+                session.after_step(control=control, totals=totals)
+        steps = done + ran
         if steps == 0:
             raise ValueError(f"an epoch has 0 steps of global batch {global_batch_size}; "
                              "use a smaller global batch or more data")
         if kind == "train":
             self.epoch_steps = steps
-        names = sorted(totals)
         # One all-reduce per epoch: the step values, the wall time, the count of real examples (padded
         # input) and the metrics' states: every process reports the same numbers.
-        local = [tf.cast(totals[n], tf.float64) for n in names]
-        local.append(tf.constant(time.perf_counter() - start, tf.float64))
-        if epoch_input.masked:
-            local.append(tf.cast(local_real, tf.float64))
-        states, layout = metrics_lib.pack_local_states(backend, metrics)
-        summed = np.asarray(backend.all_reduce(tf.concat([tf.stack(local), states], 0), "sum"))
-        summed, state_sums = summed[:len(local)], summed[len(local):]
-        if epoch_input.masked:
-            summed, real = summed[:-1], float(summed[-1])
+        reduced = totals.reduce(seconds=time.perf_counter() - start)
         # Values are global-batch-scaled (like ctx.average_loss): their sum over the epoch times the
         # global batch, over the examples, is the mean per example; padded examples count for nothing.
-        examples = real if epoch_input.masked and real > 0 else steps * global_batch_size
-        logs = {n: float(v) * global_batch_size / examples for n, v in zip(names, summed)}
-        if layout.slots:
-            logs.update(metrics_lib.results_from_vector(backend, layout, state_sums))
-        seconds = float(summed[-1]) / backend.size
-        return logs, steps, seconds
+        examples = reduced.real if epoch_input.masked and reduced.real > 0 else steps * global_batch_size
+        logs = {n: v * global_batch_size / examples for n, v in reduced.sums.items()}
+        logs.update(reduced.metrics)
+        return logs, ran, reduced.seconds / backend.size
 
     def _dispatch(self, hook: str, *args: Any) -> None:
         dispatch(self.callbacks, hook, self, *args)
@@ -244,6 +260,10 @@ class Trainer:
             initial_epoch: int = 0, remainder: str = "drop") -> dict[str, list[float]]:
         """Trains for ``epochs`` epochs and returns the history ``{name: [value per epoch]}``.
 
+        With ``Trainer(checkpointing=...)``, the first ``fit`` of a trainer first restores the latest
+        checkpoint, if there is one, and continues from its exact position (same global batches, same
+        history); the run's ``epochs`` still count from ``initial_epoch``.
+
         Args:
           data: A ``tf.data.Dataset`` of unbatched examples (split exactly over the replicas), a list of
             shard files or a ``disttrain.data`` source (see ``disttrain.data.from_files``), or
@@ -255,13 +275,16 @@ class Trainer:
           validation_data: Like ``data``, evaluated with ``eval_step`` after every epoch.
           validation_batch_size: Global batch for validation (default ``global_batch_size``).
           validation_steps: Steps per validation (default one pass).
-          initial_epoch: First epoch's number (for resuming).
+          initial_epoch: First epoch's number.
           remainder: The last partial batch of an epoch: ``"drop"`` it, or ``"pad"`` it with masked
             examples (each batch then carries a ``mask``, see ``disttrain.data``). Validation always pads.
 
         Raises:
           ValueError: For a global batch that does not split over the replicas, an infinite dataset
-            without ``steps_per_epoch``, or examples that are batched or do not fit the model.
+            without ``steps_per_epoch``, examples that are batched or do not fit the model, or a
+            checkpoint saved with other ``global_batch_size``, ``shuffle_seed`` or ``steps_per_epoch``.
+          disttrain.Preempted: (a ``SystemExit`` with code 42) after a preemption signal, once the
+            checkpoint is saved on every process.
         """
         self.backend.input_context(global_batch_size)  # validates the batch before anything runs
         data_lib.check_data(data, model=self.model)
@@ -277,35 +300,65 @@ class Trainer:
                            "steps_per_epoch": steps_per_epoch, "initial_epoch": initial_epoch,
                            "shuffle_seed": shuffle_seed, "log_every_steps": intervals.log_every_steps,
                            "histogram_every_steps": intervals.histogram_every_steps}
+        session = self.checkpointing
+        resume = session.restore() if session is not None and not session.restored else None
+        first_epoch = initial_epoch
+        if resume is not None:
+            self.global_step, first_epoch = resume.global_step, resume.epoch
+            self.history = {k: list(v) for k, v in resume.history.items()}
         self._dispatch("on_train_begin")
         logs: dict[str, float] = {}
-        for epoch in range(initial_epoch, initial_epoch + epochs):
-            self.epoch = epoch
-            self._dispatch("on_epoch_begin", epoch)
-            metrics_lib.reset(self.metrics)
-            lr = current_learning_rate(self.optimizer)
-            logs, steps, seconds = self._run_epoch(
-                "train", data, global_batch_size=global_batch_size, epoch=epoch, steps=steps_per_epoch,
-                seed=shuffle_seed, remainder=remainder, metrics=self.metrics, step_logger=step_logger)
-            logs["lr"] = lr
-            logs["examples_per_sec"] = steps * global_batch_size / seconds
-            logs["step_time"] = seconds / steps
-            if validation_data is not None:
-                val = self.evaluate(validation_data, global_batch_size=validation_batch_size or global_batch_size,
-                                    steps=validation_steps)
-                logs.update({f"val_{k}": v for k, v in val.items()})
-            self._dispatch("on_epoch_end", epoch, logs)
-            for name, value in logs.items():
-                self.history.setdefault(name, []).append(value)
-            if self.verbose == 1 and self.backend.is_chief:
-                shown = " - ".join(f"{k} {v:.4g}" for k, v in logs.items()
-                                   if k not in ("examples_per_sec", "step_time"))
-                self._print(f"epoch {epoch + 1}/{initial_epoch + epochs} - {shown} - "
-                            f"{seconds:.2f}s ({logs['examples_per_sec']:.0f} examples/s)")
-            if self.stop_training:
-                break
+        try:
+            with session.watcher if session is not None else contextlib.nullcontext():
+                for epoch in range(first_epoch, initial_epoch + epochs):
+                    logs = self._train_epoch(
+                        data, epoch=epoch, steps_per_epoch=steps_per_epoch, shuffle_seed=shuffle_seed,
+                        remainder=remainder, step_logger=step_logger,
+                        resume=resume if resume is not None and epoch == resume.epoch else None,
+                        validation=(validation_data, validation_batch_size, validation_steps))
+                    if self.stop_training:
+                        break
+                if session is not None:
+                    self.epoch, self.epoch_step = self.epoch + 1, 0  # the position after the last epoch
+                    session.save_at_end()
+        except Preempted:
+            self._dispatch("on_train_end", logs)  # summaries and logs are flushed
+            if session.config.exit_on_preemption:
+                exit_now()
+            raise
         self._dispatch("on_train_end", logs)
         return self.history
+
+    def _train_epoch(self, data: Any, *, epoch: int, steps_per_epoch: int | None, shuffle_seed: int | None,
+                     remainder: str, step_logger: step_logs.StepLogger | None, resume: Progress | None,
+                     validation: tuple) -> dict[str, float]:
+        """One epoch of :meth:`fit`: the steps, validation, callbacks, history and the epoch line."""
+        global_batch_size = self.global_batch_size
+        self.epoch = epoch
+        self._dispatch("on_epoch_begin", epoch)
+        metrics_lib.reset(self.metrics)
+        resumed_lr = resume.epoch_lr if resume is not None and resume.epoch_step else None
+        self.epoch_lr = resumed_lr if resumed_lr is not None else current_learning_rate(self.optimizer)
+        logs, ran, seconds = self._run_epoch(
+            "train", data, global_batch_size=global_batch_size, epoch=epoch, steps=steps_per_epoch,
+            seed=shuffle_seed, remainder=remainder, metrics=self.metrics, step_logger=step_logger, resume=resume)
+        logs["lr"] = self.epoch_lr
+        logs["examples_per_sec"] = ran * global_batch_size / seconds if ran and seconds > 0 else 0.0
+        logs["step_time"] = seconds / ran if ran else 0.0
+        validation_data, validation_batch_size, validation_steps = validation
+        if validation_data is not None:
+            val = self.evaluate(validation_data, global_batch_size=validation_batch_size or global_batch_size,
+                                steps=validation_steps)
+            logs.update({f"val_{k}": v for k, v in val.items()})
+        self._dispatch("on_epoch_end", epoch, logs)
+        for name, value in logs.items():
+            self.history.setdefault(name, []).append(value)
+        if self.verbose == 1 and self.backend.is_chief:
+            shown = " - ".join(f"{k} {v:.4g}" for k, v in logs.items() if k not in ("examples_per_sec", "step_time"))
+            total = self.fit_config["initial_epoch"] + self.fit_config["epochs"]
+            self._print(f"epoch {epoch + 1}/{total} - {shown} - {seconds:.2f}s "
+                        f"({logs['examples_per_sec']:.0f} examples/s)")
+        return logs
 
     def evaluate(self, data: Any, *, global_batch_size: int, steps: int | None = None,
                  remainder: str = "pad") -> dict[str, float]:

@@ -196,6 +196,31 @@ class Backend(abc.ABC):
         if self.size > 1:
             self._all_reduce_tensor(tf.constant(1, tf.int32), "sum").numpy()
 
+    def reduce_across_processes(self, value: tf.Tensor, op: str) -> tf.Tensor:
+        """Reduces one tensor per process over all processes, eagerly or inside ``tf.function``.
+
+        Unlike :meth:`all_reduce` it can sit in a compiled step (e.g. the stop flag that every step
+        carries, see ``disttrain.checkpoint``). Every process must run it at the same point.
+
+        Args:
+          value: A tensor; the same shape and dtype on every process.
+          op: ``sum``, ``max`` or ``min``.
+        """
+        if self.size == 1:
+            return tf.identity(value)
+        return self._all_reduce_tensor(value, check_reduce_op(op))
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def checkpoint_writer(self, directory: str) -> str | None:
+        """Where this process writes the checkpoints of ``directory``, or None if it writes nothing.
+
+        The variables are identical on every process, so by default the chief alone writes them, into
+        ``directory``. Backends whose saving is itself collective (MultiWorkerMirroredStrategy) return
+        a private temporary directory on the other processes: they must save too, and the caller
+        removes that directory afterwards.
+        """
+        return directory if self.is_chief else None
+
     # -- input ---------------------------------------------------------------------------------
     def input_context(self, global_batch_size: int) -> InputContext:
         """This process's :class:`InputContext` for ``global_batch_size``.

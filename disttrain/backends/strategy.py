@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Any, Callable
 
 import tensorflow as tf
@@ -98,6 +99,14 @@ class StrategyBackend(Backend):
             return tf.reduce_max(gathered, 0) if op == "max" else tf.reduce_min(gathered, 0)
 
         return self.strategy.experimental_local_results(self.strategy.run(per_replica, args=(value,)))[0]
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def checkpoint_writer(self, directory: str) -> str | None:
+        """Every worker saves (a tf.distribute save may run collectives, and a worker that skips it
+        deadlocks the others); the non-chiefs write into ``workertemp_<rank>`` inside ``directory``."""
+        if self.is_chief:
+            return directory
+        return os.path.join(directory, f"workertemp_{self.rank}")
 
     # -- input ---------------------------------------------------------------------------------
     def distribute_dataset(self, dataset_fn: Callable[[InputContext], tf.data.Dataset], *,
