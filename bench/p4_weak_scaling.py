@@ -27,6 +27,23 @@ import _common  # noqa: E402
 BATCH = 32  # per replica
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by this process's threads, summed by thread name
+    (digits dropped: ``tf_data_private_threadpool_3`` counts as ``tf_data_private_threadpool_``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1:stat.rindex(")")].rstrip("0123456789") or "?"
+        fields = stat[stat.rindex(")") + 2:].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def worker(args) -> None:
     import disttrain as dt
 
@@ -66,17 +83,23 @@ def worker(args) -> None:
     gb = BATCH * backend.num_replicas
     trainer.fit(cached, global_batch_size=gb, steps_per_epoch=5)  # warm-up: tracing
     backend.barrier()
-    start = time.perf_counter()
+    cpu_before, start = thread_cpu(), time.perf_counter()
     trainer.fit(cached, global_batch_size=gb, steps_per_epoch=args.steps)
     seconds = time.perf_counter() - start
+    cpu = {k: (v - cpu_before.get(k, 0.0)) / args.steps for k, v in thread_cpu().items()}
     rate = backend.all_reduce(args.steps * BATCH * backend.local_replicas / seconds, "mean")  # per rank
     if backend.is_chief:
         with open(args.out, "w") as f:
-            json.dump({"per_rank": rate}, f)
+            json.dump({"per_rank": rate, "step_seconds": seconds / args.steps,
+                       "cpu_per_step": {k: v for k, v in cpu.items() if v > 0}}, f)
+
+
+PROFILES: dict[str, dict] = {}  # kind -> the chief's last {"step_seconds", "cpu_per_step"}
 
 
 def launch(kind: str, args, tmp: str) -> float:
-    """Runs one configuration; returns per-rank examples/s (mean over its ranks)."""
+    """Runs one configuration; returns per-rank examples/s (mean over its ranks); keeps the chief's
+    per-thread CPU profile in PROFILES."""
     env = _common.worker_env()
     me = [sys.executable, os.path.abspath(__file__), "--worker", "--steps", str(args.steps)]
     bindir = os.path.dirname(sys.executable)
@@ -99,7 +122,9 @@ def launch(kind: str, args, tmp: str) -> float:
         if proc.returncode or not os.path.exists(out):
             raise RuntimeError(f"{kind} failed (exit {proc.returncode}): {' '.join(proc.args)}\n{err[-4000:]}")
         with open(out) as f:
-            rates.append(json.load(f)["per_rank"])
+            result = json.load(f)
+        rates.append(result["per_rank"])
+        PROFILES[kind] = result
         os.remove(out)
     return statistics.mean(rates)
 
@@ -109,7 +134,7 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--cycle-time-ms", type=float, default=None,
-                        help="the Horovod variant with a longer cycle (default 5; a worker: this rank's setting)")
+                        help="the Horovod variant with a longer cycle (default 10; a worker: this rank's setting)")
     parser.add_argument("--timeout", type=float, default=300)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
@@ -118,7 +143,7 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         return 0
-    args.cycle_time_ms = args.cycle_time_ms or 5.0
+    args.cycle_time_ms = args.cycle_time_ms or 10.0
     kinds = ["one process", "Horovod gloo", "MultiWorker", "2 independent", f"Horovod gloo, cycle {args.cycle_time_ms:g} ms"]
     with tempfile.TemporaryDirectory() as tmp:
         rates = _common.interleaved({k: (lambda k=k: launch(k, args, tmp)) for k in kinds}, reps=args.reps)
@@ -136,6 +161,19 @@ def main(argv=None) -> int:
              f"{BATCH} per rank, SGD with momentum, {args.steps} timed steps after a warm-up; {args.reps} repetitions, "
              f"launches in rotating order. Load average: {_common.load()}.", ""]
     lines += _common.ratio_table(rows)
+    lines += ["", "Where the time goes (last repetition, rank 0): wall time per step and CPU seconds per step by "
+              "thread (name without digits; `python3` is the main thread that runs the step's ops at 1 thread, "
+              "`tf_` threads are TensorFlow's pools, others are Horovod / gloo / gRPC). CPU time beyond the "
+              "one-process column is what the second rank's communication costs on the shared cores.", "",
+              "| thread | " + " | ".join(kinds) + " |", "|---|" + "---:|" * len(kinds)]
+    lines.append("| wall ms / step | " + " | ".join(f"{PROFILES[k]['step_seconds'] * 1e3:.1f}" for k in kinds) + " |")
+    names = sorted({n for k in kinds for n in PROFILES[k]["cpu_per_step"]},
+                   key=lambda n: -max(PROFILES[k]["cpu_per_step"].get(n, 0) for k in kinds))
+    for name in names[:8]:
+        lines.append(f"| {name} | " + " | ".join(f"{PROFILES[k]['cpu_per_step'].get(name, 0) * 1e3:.1f}"
+                                                 for k in kinds) + " |")
+    lines.append("| all threads, CPU ms / step | " + " | ".join(
+        f"{sum(PROFILES[k]['cpu_per_step'].values()) * 1e3:.1f}" for k in kinds) + " |")
     print("\n".join(lines + [""]))
     return 0
 
