@@ -31,7 +31,7 @@ import tensorflow as tf
 
 COMPRESSIONS = {"none": None, "fp16": tf.float16, "bf16": tf.bfloat16}
 MIB = 1 << 20
-DEFAULT_BUCKET_MB = 0.0  # one group (measured in bench/overlap.py; see docs/benchmarks.md)
+DEFAULT_BUCKET_MB = 25.0  # as PyTorch DDP's bucket_cap_mb; smaller models stay one group (bench/p3_allreduce.py)
 
 
 @dataclasses.dataclass(frozen=True)
