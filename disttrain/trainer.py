@@ -35,6 +35,13 @@ def _named_gradients(pairs: list) -> dict[str, tf.Tensor]:
     return grads
 
 
+def _micro_batches(batch: Any, count: int) -> list:
+    """``batch`` (a structure of tensors) split along the first axis into ``count`` equal parts."""
+    flat = tf.nest.flatten(batch)
+    parts = [tf.split(t, count) for t in flat]
+    return [tf.nest.pack_sequence_as(batch, [p[i] for p in parts]) for i in range(count)]
+
+
 def _as_outputs(value: Any) -> dict[str, tf.Tensor]:
     if value is None:
         return {}
@@ -71,9 +78,15 @@ class Trainer:
         processes agree on the largest value asked for.
       checkpointing: A :class:`disttrain.Checkpointing`: periodic checkpoints, exact resume when ``fit``
         starts, and a checkpoint-then-exit(42) on SIGTERM/SIGINT (see ``disttrain.checkpoint``).
+      accumulation_steps: Gradient accumulation: each replica's batch is split into this many
+        micro-batches, ``train_step`` runs on each (unrolled in one compiled step), the gradients it
+        passes to ``ctx.apply_gradients`` are summed, and reduced over the replicas and applied once per
+        global batch: the same update as one step on the whole batch, with 1/K of the activations in
+        memory. A step, the step count, the LR and every log stay per global batch.
 
     Raises:
-      ValueError: If the model has no variables yet, or model/optimizer were created outside the scope.
+      ValueError: If the model has no variables yet, model/optimizer were created outside the scope, or
+        ``accumulation_steps`` < 1.
     """
 
     def __init__(self, *, model: keras.Model | Sequence[keras.Model],
@@ -82,8 +95,12 @@ class Trainer:
                  metrics: Iterable[keras.metrics.Metric] | None = None,
                  eval_metrics: Iterable[keras.metrics.Metric] | None = None,
                  callbacks: Iterable[Callback] = (), verbose: int = 1, print_fn: Callable[[str], None] | None = None,
-                 log_every_steps: int | None = None, checkpointing: Checkpointing | None = None):
+                 log_every_steps: int | None = None, checkpointing: Checkpointing | None = None,
+                 accumulation_steps: int = 1):
         self.backend = backend or get_backend("auto")
+        if int(accumulation_steps) != accumulation_steps or accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps={accumulation_steps!r} must be an integer >= 1 (1 = no accumulation)")
+        self.accumulation_steps = int(accumulation_steps)
         self.model = model
         self._train_step, self._eval_step = train_step, eval_step
         self.metrics = metrics_lib.as_list(metrics)
@@ -141,11 +158,20 @@ class Trainer:
             ctx = StepContext(backend=self.backend, global_batch_size=global_batch_size)
             backend = self.backend
 
-            def outputs_of(batch):
+            def one_step(batch):
                 outputs = _as_outputs(step(ctx, batch))
                 if masked:
                     outputs[EXAMPLES] = tf.reduce_sum(tf.cast(data_lib.mask_of(batch), tf.float32))
                 return outputs
+
+            accumulate = self.accumulation_steps if kind == "train" else 1
+
+            def outputs_of(batch):
+                if accumulate == 1:
+                    return one_step(batch)
+                # Global-batch-scaled outputs (ctx.average_loss) of the micro-batches add up to the batch's.
+                results = ctx.run_accumulated(one_step, _micro_batches(batch, accumulate))
+                return {name: tf.add_n([r[name] for r in results]) for name in results[0]}
 
             def replica_fn(batch):
                 if not gradients:
@@ -287,6 +313,11 @@ class Trainer:
             checkpoint is saved on every process.
         """
         self.backend.input_context(global_batch_size)  # validates the batch before anything runs
+        per_replica, k = global_batch_size // self.backend.num_replicas, self.accumulation_steps
+        if per_replica % k:
+            raise ValueError(f"global batch {global_batch_size} gives {per_replica} examples a replica, which do not "
+                             f"split into accumulation_steps={k} micro-batches; use a multiple of "
+                             f"{self.backend.num_replicas * k}")
         data_lib.check_data(data, model=self.model)
         if validation_data is not None and self._eval_step is None:
             raise ValueError("validation_data needs an eval_step; pass eval_step=fn(ctx, batch) to Trainer")
@@ -296,8 +327,8 @@ class Trainer:
         intervals = step_logs.agree(self.backend, step_logs.requested_intervals(
             log_every_steps=self.log_every_steps, callbacks=self.callbacks))
         step_logger = step_logs.StepLogger(trainer=self, intervals=intervals) if intervals.active else None
-        self.fit_config = {"global_batch_size": global_batch_size, "epochs": epochs,
-                           "steps_per_epoch": steps_per_epoch, "initial_epoch": initial_epoch,
+        self.fit_config = {"global_batch_size": global_batch_size, "accumulation_steps": self.accumulation_steps,
+                           "epochs": epochs, "steps_per_epoch": steps_per_epoch, "initial_epoch": initial_epoch,
                            "shuffle_seed": shuffle_seed, "log_every_steps": intervals.log_every_steps,
                            "histogram_every_steps": intervals.histogram_every_steps}
         session = self.checkpointing

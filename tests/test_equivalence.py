@@ -1,7 +1,8 @@
 """Same model, data, seed and 20 steps: every backend ends with the single-device weights.
 
-Four trainings per launch: SGD, Adam, two models with two optimizers (SGD+momentum and Adam) updated
-in one step, as in a GAN, and gradient clipping by the global norm (ctx.reduce_gradients). The same
+Five trainings per launch: SGD, Adam, two models with two optimizers (SGD+momentum and Adam) updated
+in one step, as in a GAN, gradient clipping by the global norm (ctx.reduce_gradients), and Adam with
+4 accumulated micro-batches per step (must match Adam on whole batches on one device). The same
 launch then checks gradient compression: known per-replica tensors reduced with fp16 / bf16 (in small
 buckets) must equal their sum taken in that dtype, and the SGD training with compression stays within
 the tolerance the dtype implies, identical on every rank.
@@ -46,6 +47,12 @@ CASES = {
 }
 
 
+def test_accumulated_micro_batches_match_whole_batches_on_one_device(reference):
+    for got, want in zip(load(reference, "accum", 0), load(reference, "adam", 0)):
+        rel = np.max(np.abs(got - want)) / np.max(np.abs(want))
+        assert rel <= 1e-5, f"single/accum: relative difference {rel:.2e} > 1e-5"
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_backend_matches_single_device(case, reference, tmp_path):
     """The launcher's environment alone picks the backend (--backend auto)."""
@@ -61,9 +68,9 @@ def test_backend_matches_single_device(case, reference, tmp_path):
     if case == "horovod-gloo":
         assert all(i["gloo"] and not i["mpi"] for i in infos), infos
     assert all(i["clipped_fraction"][0] == 1.0 for i in infos), infos  # the clipping did act
-    for optimizer in ("sgd", "adam", "two", "clip"):
+    for optimizer in ("sgd", "adam", "two", "clip", "accum"):
         assert all(i[f"{optimizer}_steps"] == 20 for i in infos), infos
-        expected = load(reference, optimizer, 0)
+        expected = load(reference, "adam" if optimizer == "accum" else optimizer, 0)
         ranks = [load(tmp_path, optimizer, r) for r in range(processes)]
         for rank_weights in ranks[1:]:  # bitwise identical across ranks
             for a, b in zip(ranks[0], rank_weights):

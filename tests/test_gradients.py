@@ -1,15 +1,19 @@
-"""Gradient reduction options, buckets and Horovod's start-up settings (in-process, no launches).
+"""Gradient reduction options, buckets, Horovod's start-up settings and gradient accumulation
+(in-process, single device, no launches).
 
-The reductions themselves (compressed sums, single application, buckets) run on every backend in
-tests/test_equivalence.py.
+The reductions themselves (compressed sums, single application, buckets) and accumulation run on every
+backend in tests/test_equivalence.py.
 """
 
+import keras
+import numpy as np
 import pytest
 import tensorflow as tf
 
 import disttrain as dt
 from disttrain.backends import gradients
 from disttrain.backends.horovod import horovod_env
+from disttrain.backends.single import SingleBackend
 
 
 def test_buckets_run_last_tensor_first_and_close_at_the_size():
@@ -59,3 +63,62 @@ def test_horovod_settings_become_its_environment():
         horovod_env(fusion_threshold_mb=-1)
     with pytest.raises(ValueError, match="cycle_time_ms=0 must be > 0"):
         horovod_env(cycle_time_ms=0)
+
+
+class CountingBackend(SingleBackend):
+    """Counts the gradient reductions traced into the step."""
+
+    reductions = 0
+
+    def reduce_gradients(self, grads):
+        type(self).reductions += 1
+        return super().reduce_gradients(grads)
+
+
+def _accumulated_run(backend, accumulation_steps, *, step=None):
+    with backend.scope():
+        keras.utils.set_random_seed(3)
+        model = keras.Sequential([keras.Input(shape=(4,)), keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(1)])
+        optimizer = keras.optimizers.Adam(0.01)
+
+    def train_step(ctx, batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            loss = ctx.average_loss(tf.reduce_mean(tf.square(y - model(x, training=True)), axis=-1))
+        ctx.apply_gradients(optimizer, tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        return loss
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(96, 4)).astype("float32")
+    data = tf.data.Dataset.from_tensor_slices((x, x.sum(axis=1, keepdims=True) ** 2))
+    trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=step or train_step, backend=backend, verbose=0,
+                         accumulation_steps=accumulation_steps)
+    history = trainer.fit(data, global_batch_size=16, epochs=2, shuffle_seed=1)
+    return [v.numpy() for v in model.trainable_variables], history, int(optimizer.iterations.numpy())
+
+
+def test_accumulated_micro_batches_give_the_batch_update_with_one_reduction():
+    backend = CountingBackend(device="/cpu:0")
+    whole, whole_history, whole_steps = _accumulated_run(backend, 1)
+    CountingBackend.reductions = 0
+    parts, parts_history, parts_steps = _accumulated_run(backend, 4)
+    assert CountingBackend.reductions == 1  # traced once: one reduction for the 4 micro-batches
+    assert parts_steps == whole_steps == 12  # one optimizer step per global batch
+    for a, b in zip(parts, whole):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert parts_history["loss"] == pytest.approx(whole_history["loss"], rel=1e-5)
+
+
+def test_accumulation_errors_say_what_to_do():
+    backend = SingleBackend(device="/cpu:0")
+    with pytest.raises(ValueError, match="accumulation_steps=0 must be an integer >= 1"):
+        _accumulated_run(backend, 0)
+    with pytest.raises(ValueError, match="global batch 16 gives 16 examples a replica, which do not split into "
+                                         "accumulation_steps=3 micro-batches; use a multiple of 3"):
+        _accumulated_run(backend, 3)
+
+    def clipping_step(ctx, batch):
+        ctx.reduce_gradients([tf.ones([1])])
+
+    with pytest.raises(ValueError, match="ctx.reduce_gradients is not available with accumulation_steps > 1"):
+        _accumulated_run(backend, 2, step=clipping_step)

@@ -1,5 +1,6 @@
 """Trains the same model with SGD and with Adam for 20 steps and saves each rank's final weights.
 
+"accum" is the Adam training again with 4 accumulated micro-batches per step (the same updates).
 Then, with fp16 and bf16 gradient compression (small buckets, so several collectives per step): the
 SGD training again, and one step's reduced gradients next to each replica's local ones (``reduce_*``),
 so the test can check the sum was taken in the compressed dtype.
@@ -30,8 +31,10 @@ if backend.name == "horovod":
     info["mpi"] = bool(hvd.mpi_enabled())
     info["gloo"] = bool(hvd.gloo_enabled())
 
-for name, make_optimizer in [("sgd", lambda: keras.optimizers.SGD(0.05)),
-                             ("adam", lambda: keras.optimizers.Adam(0.01))]:
+# (name, optimizer, gradient accumulation steps): "accum" must end where "adam" does
+for name, make_optimizer, accumulation in [("sgd", lambda: keras.optimizers.SGD(0.05), 1),
+                                           ("adam", lambda: keras.optimizers.Adam(0.01), 1),
+                                           ("accum", lambda: keras.optimizers.Adam(0.01), 4)]:
     with backend.scope():
         keras.utils.set_random_seed(42)
         model = keras.Sequential([keras.Input(shape=(8,)), keras.layers.Dense(16, activation="tanh"),
@@ -46,7 +49,8 @@ for name, make_optimizer in [("sgd", lambda: keras.optimizers.SGD(0.05)),
         ctx.apply_gradients(optimizer, grads, model.trainable_variables)
         return loss
 
-    trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=train_step, backend=backend, verbose=0)
+    trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=train_step, backend=backend, verbose=0,
+                         accumulation_steps=accumulation)
     history = trainer.fit(dataset, global_batch_size=GLOBAL_BATCH, epochs=EPOCHS, shuffle_seed=7)
     info[f"{name}_steps"] = int(optimizer.iterations.numpy())
     info[f"{name}_loss"] = history["loss"]
