@@ -28,6 +28,8 @@ class StepContext:
         self._capture = threading.local()
         # per replica thread, while tracing accumulated micro-batches: {key: [optimizer, grad sums, variables]}
         self._pending = threading.local()
+        # per replica thread, while tracing a train step: 1.0 when a LossScaleOptimizer skips the update
+        self._nonfinite = threading.local()
 
     def average_loss(self, per_example_loss: tf.Tensor, sample_weight: tf.Tensor | None = None) -> tf.Tensor:
         """This replica's share of the mean loss over the GLOBAL batch: ``sum(loss * w) / global_batch``.
@@ -76,7 +78,20 @@ class StepContext:
         captured = getattr(self._capture, "pairs", None)
         if captured is not None:
             captured.extend((v, g) for g, v in zip(grads, variables) if g is not None)
-        self.backend.apply_gradients(optimizer, grads, variables)
+        reduced = self.backend.reduce_gradients(grads)
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            # It skips the update when a gradient is not finite; decided on the reduced gradients, the
+            # decision is the same on every replica. Counted for the logs (see take_nonfinite).
+            skipped = tf.cast(tf.logical_not(optimizer.check_finite(reduced)), tf.float32)
+            self._nonfinite.value = tf.maximum(getattr(self._nonfinite, "value", 0.0), skipped)
+        self.backend.apply_reduced_gradients(optimizer, reduced, variables)
+
+    def take_nonfinite(self) -> tf.Tensor | None:
+        """1.0 if a ``LossScaleOptimizer`` skipped this replica's step for non-finite gradients, 0.0 if
+        not, None if no such optimizer applied gradients; resets the record."""
+        value = getattr(self._nonfinite, "value", None)
+        self._nonfinite.value = None
+        return value
 
     def run_accumulated(self, micro_step: Callable[[Any], Any], micro_batches: list) -> list:
         """Runs ``micro_step`` on each micro-batch (at trace time, unrolled), summing the gradients each

@@ -35,6 +35,9 @@ def _named_gradients(pairs: list) -> dict[str, tf.Tensor]:
     return grads
 
 
+NONFINITE = "skipped_fraction"  # step output: the share of steps a LossScaleOptimizer skipped (non-finite)
+
+
 def _micro_batches(batch: Any, count: int) -> list:
     """``batch`` (a structure of tensors) split along the first axis into ``count`` equal parts."""
     flat = tf.nest.flatten(batch)
@@ -168,10 +171,15 @@ class Trainer:
 
             def outputs_of(batch):
                 if accumulate == 1:
-                    return one_step(batch)
-                # Global-batch-scaled outputs (ctx.average_loss) of the micro-batches add up to the batch's.
-                results = ctx.run_accumulated(one_step, _micro_batches(batch, accumulate))
-                return {name: tf.add_n([r[name] for r in results]) for name in results[0]}
+                    outputs = one_step(batch)
+                else:
+                    # Global-batch-scaled outputs (ctx.average_loss) of the micro-batches add up to the batch's.
+                    results = ctx.run_accumulated(one_step, _micro_batches(batch, accumulate))
+                    outputs = {name: tf.add_n([r[name] for r in results]) for name in results[0]}
+                skipped = ctx.take_nonfinite()
+                if skipped is not None:  # summed over the replicas, each counts 1/num_replicas
+                    outputs[NONFINITE] = skipped / ctx.num_replicas
+                return outputs
 
             def replica_fn(batch):
                 if not gradients:

@@ -122,3 +122,42 @@ def test_accumulation_errors_say_what_to_do():
 
     with pytest.raises(ValueError, match="ctx.reduce_gradients is not available with accumulation_steps > 1"):
         _accumulated_run(backend, 2, step=clipping_step)
+
+
+def test_loss_scale_optimizer_skips_nonfinite_steps_and_the_logs_count_them():
+    """A real inf in one batch: that step is skipped (weights unchanged, loss scale halved), counted."""
+    backend = SingleBackend(device="/cpu:0")
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        with backend.scope():
+            keras.utils.set_random_seed(0)
+            model = keras.Sequential([keras.Input(shape=(4,)), keras.layers.Dense(8, activation="tanh"),
+                                      keras.layers.Dense(1, dtype="float32")])
+            optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    weights = []
+
+    class Snap(dt.Callback):
+        def on_step_logs(self, trainer, step, logs):
+            weights.append((step, logs["skipped_fraction"], [v.numpy().copy() for v in model.trainable_variables]))
+
+    def train_step(ctx, batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            loss = ctx.average_loss(tf.reduce_mean(tf.square(y - model(x, training=True)), axis=-1))
+            scaled = optimizer.scale_loss(loss)
+        ctx.apply_gradients(optimizer, tape.gradient(scaled, model.trainable_variables), model.trainable_variables)
+        return loss
+
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype("float32")
+    y = x.sum(axis=1, keepdims=True)
+    x[37] = np.inf  # in the third batch of 16
+    trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=train_step, backend=backend, verbose=0,
+                         log_every_steps=1, callbacks=[Snap()])
+    history = trainer.fit(tf.data.Dataset.from_tensor_slices((x, y)), global_batch_size=16, epochs=1)
+    assert history["skipped_fraction"] == [0.25]  # 1 of 4 steps
+    assert [w[1] for w in weights] == [0.0, 0.0, 1 / 3, 0.25]  # running share after steps 1..4
+    assert all(np.array_equal(a, b) for a, b in zip(weights[1][2], weights[2][2]))  # step 3 changed nothing
+    assert not all(np.array_equal(a, b) for a, b in zip(weights[2][2], weights[3][2]))  # step 4 did
+    assert int(optimizer.iterations.numpy()) == 3 and float(optimizer.dynamic_scale.numpy()) == 2.0 ** 14

@@ -135,8 +135,12 @@ class Backend(abc.ABC):
 
     def apply_gradients(self, optimizer: Any, grads: list, variables: list) -> None:
         """In a replica context: sums ``grads`` over all replicas once (:meth:`reduce_gradients`) and
-        applies them; the optimizer's own sum over replicas is skipped."""
-        reduced = self.reduce_gradients(grads)
+        applies them (:meth:`apply_reduced_gradients`)."""
+        self.apply_reduced_gradients(optimizer, self.reduce_gradients(grads), variables)
+
+    def apply_reduced_gradients(self, optimizer: Any, reduced: list, variables: list) -> None:
+        """In a replica context: applies gradients already summed over all replicas; the optimizer's own
+        sum over replicas is skipped."""
         with gradients_lib.applying_reduced(optimizer):
             optimizer.apply_gradients(zip(reduced, variables))
 

@@ -1,6 +1,7 @@
 """Trains the same model with SGD and with Adam for 20 steps and saves each rank's final weights.
 
-"accum" is the Adam training again with 4 accumulated micro-batches per step (the same updates).
+Last, mixed_float16 and mixed_bfloat16 with a LossScaleOptimizer on data with one inf example (one
+step an epoch must be skipped everywhere). "accum" is the Adam training again with 4 accumulated micro-batches per step (the same updates).
 Then, with fp16 and bf16 gradient compression (small buckets, so several collectives per step): the
 SGD training again, and one step's reduced gradients next to each replica's local ones (``reduce_*``),
 so the test can check the sum was taken in the compressed dtype.
@@ -154,6 +155,36 @@ for compression in ("fp16", "bf16", "none"):
     info[f"sgd_{compression}_steps"] = int(optimizer.iterations.numpy())
     np.savez(os.path.join(args.out, f"sgd_{compression}_rank{backend.rank}.npz"),
              *[v.numpy() for v in model.trainable_variables])
+
+# Mixed precision with a LossScaleOptimizer; one example is inf, so one step of each epoch is skipped.
+backend.gradient_options = dt.GradientOptions()
+x_bad = x.copy()
+x_bad[5] = np.inf
+bad = tf.data.Dataset.from_tensor_slices((x_bad, y))
+for policy in ("mixed_float16", "mixed_bfloat16"):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        with backend.scope():
+            keras.utils.set_random_seed(42)
+            model = keras.Sequential([keras.Input(shape=(8,)), keras.layers.Dense(16, activation="tanh"),
+                                      keras.layers.Dense(1, dtype="float32")])
+            optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD(0.05))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+    def mixed_step(ctx, batch, model=model, optimizer=optimizer):
+        features, target = batch
+        with tf.GradientTape() as tape:
+            loss = ctx.average_loss(tf.reduce_mean(tf.square(target - model(features, training=True)), axis=-1))
+            scaled = optimizer.scale_loss(loss)
+        ctx.apply_gradients(optimizer, tape.gradient(scaled, model.trainable_variables), model.trainable_variables)
+        return loss
+
+    trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=mixed_step, backend=backend, verbose=0)
+    history = trainer.fit(bad, global_batch_size=GLOBAL_BATCH, epochs=EPOCHS, shuffle_seed=7)
+    info[f"{policy}_steps"] = int(optimizer.iterations.numpy())
+    info[f"{policy}_skipped"] = history["skipped_fraction"]
+    np.savez(os.path.join(args.out, f"{policy}_rank{backend.rank}.npz"), *[v.numpy() for v in model.trainable_variables])
 
 with open(os.path.join(args.out, f"info_rank{backend.rank}.json"), "w") as f:
     json.dump(info, f)
