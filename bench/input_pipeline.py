@@ -3,7 +3,7 @@
     python bench/input_pipeline.py            # prints a Markdown section to stdout
 
 Launches itself under ``horovodrun -np 2 --gloo`` (2 local processes, 1 thread each) on TFRecord shards
-written with ``disttrain.data.write_shards``. In ONE run it measures, in interleaved repetitions (the
+written with ``disttrain.shards.write_shards``. In ONE run it measures, in interleaved repetitions (the
 order rotates every repetition) and reports medians of the global rate (examples/s over both ranks):
 
 * input only: one epoch of the sharded pipeline (file sharding, shuffle, batched parse), no training;
@@ -57,8 +57,10 @@ def worker(args) -> None:
     import tensorflow as tf
 
     from disttrain import data as D
+    from disttrain import epoch_agreement
+    from disttrain.shards import list_shards
 
-    files = D.list_shards(args.data)
+    files = list_shards(args.data)
     source = D.from_files(files)
     gb = args.global_batch
     with backend.scope():
@@ -76,7 +78,7 @@ def worker(args) -> None:
         return loss
 
     trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=train_step, backend=backend, verbose=0)
-    steps = D.epoch_input(backend, source, global_batch_size=gb, seed=0).steps
+    steps = epoch_agreement.epoch_input(backend, source, global_batch_size=gb, seed=0).steps
     context = backend.input_context(gb)
     cached = list(source.build(context, seed=0).take(8))
 
@@ -91,7 +93,7 @@ def worker(args) -> None:
         return backend.all_reduce(time.perf_counter() - start, "max")
 
     def input_only(epoch):
-        epoch_input = D.epoch_input(backend, source, global_batch_size=gb, seed=0, epoch=epoch)
+        epoch_input = epoch_agreement.epoch_input(backend, source, global_batch_size=gb, seed=0, epoch=epoch)
         for _ in range(epoch_input.steps):
             next(epoch_input.iterator)
 
@@ -125,13 +127,13 @@ def main(argv=None) -> int:
     import numpy as np
     import tensorflow as tf
 
-    from disttrain import data as D
+    from disttrain.shards import write_shards
 
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         x = rng.normal(size=(args.examples, args.features)).astype("float32")
         y = (x @ rng.normal(size=args.features)).astype("float32")
-        D.write_shards(tf.data.Dataset.from_tensor_slices((x, y)), tmp, num_shards=args.shards)
+        write_shards(tf.data.Dataset.from_tensor_slices((x, y)), tmp, num_shards=args.shards)
         results = {}
         for hidden in args.hidden:
             out = os.path.join(tmp, f"result{hidden}.json")

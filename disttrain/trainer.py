@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from disttrain import data as data_lib
+from disttrain import epoch_agreement
 from disttrain import metrics as metrics_lib
 from disttrain import step_logs
 from disttrain.checkpoint import Checkpointing, CheckpointSession, Progress
@@ -71,8 +72,10 @@ class Trainer:
       train_step: ``fn(ctx, batch) -> loss | dict``.
       backend: The backend (default ``get_backend("auto")``).
       eval_step: ``fn(ctx, batch) -> loss | dict`` for validation (no gradients).
-      metrics: Keras metrics updated by ``train_step``; reset every epoch.
-      eval_metrics: Keras metrics updated by ``eval_step``; reported with a ``val_`` prefix.
+      metrics: Keras metrics updated by ``train_step``, reset every epoch; or plain functions
+        ``fn(y_true, y_pred)``, which become ``keras.metrics.MeanMetricWrapper`` s in ``self.metrics``
+        (same order) for the step to update (see ``disttrain.metrics.from_function``).
+      eval_metrics: Likewise for ``eval_step``; reported with a ``val_`` prefix.
       callbacks: :class:`Callback` objects.
       verbose: 0 quiet, 1 one line per epoch, 2 a progress bar (always on the chief only).
       log_every_steps: Every so many train steps, reduce the running loss, metrics, LR and throughput
@@ -95,8 +98,8 @@ class Trainer:
     def __init__(self, *, model: keras.Model | Sequence[keras.Model],
                  optimizer: keras.optimizers.Optimizer | Sequence[keras.optimizers.Optimizer], train_step: StepFn,
                  backend: Backend | None = None, eval_step: StepFn | None = None,
-                 metrics: Iterable[keras.metrics.Metric] | None = None,
-                 eval_metrics: Iterable[keras.metrics.Metric] | None = None,
+                 metrics: Iterable[keras.metrics.Metric | Callable] | None = None,
+                 eval_metrics: Iterable[keras.metrics.Metric | Callable] | None = None,
                  callbacks: Iterable[Callback] = (), verbose: int = 1, print_fn: Callable[[str], None] | None = None,
                  log_every_steps: int | None = None, checkpointing: Checkpointing | None = None,
                  accumulation_steps: int = 1):
@@ -106,8 +109,8 @@ class Trainer:
         self.accumulation_steps = int(accumulation_steps)
         self.model = model
         self._train_step, self._eval_step = train_step, eval_step
-        self.metrics = metrics_lib.as_list(metrics)
-        self.eval_metrics = metrics_lib.as_list(eval_metrics)
+        self.metrics = metrics_lib.as_list(metrics, scope=self.backend.scope)  # functions: wrapped, in scope
+        self.eval_metrics = metrics_lib.as_list(eval_metrics, scope=self.backend.scope)
         self.callbacks = list(callbacks)
         self.verbose = verbose
         self._print = print_fn or functools.partial(print, flush=True)
@@ -224,8 +227,8 @@ class Trainer:
         session = self.checkpointing if kind == "train" else None
         done = resume.epoch_step if resume is not None else 0
         # Every process runs the same number of steps (agreed through the backend's all-reduce).
-        epoch_input = data_lib.epoch_input(backend, data, global_batch_size=global_batch_size, epoch=epoch,
-                                           seed=seed, steps=steps, remainder=remainder, skip_steps=done)
+        epoch_input = epoch_agreement.epoch_input(backend, data, global_batch_size=global_batch_size, epoch=epoch,
+                                                  seed=seed, steps=steps, remainder=remainder, skip_steps=done)
         totals = EpochTotals(backend=backend, metrics=metrics, carry=resume.carry if resume is not None else None)
         if kind == "train":
             self.epoch_step = done
@@ -343,7 +346,8 @@ class Trainer:
         resume = session.restore() if session is not None and not session.restored else None
         first_epoch = initial_epoch
         if resume is not None:
-            self.global_step, first_epoch = resume.global_step, resume.epoch
+            self.global_step, self.epoch, self.epoch_step = resume.global_step, resume.epoch, resume.epoch_step
+            first_epoch = resume.epoch
             self.history = {k: list(v) for k, v in resume.history.items()}
         self._dispatch("on_train_begin")
         logs: dict[str, float] = {}
@@ -355,10 +359,10 @@ class Trainer:
                         remainder=remainder, step_logger=step_logger,
                         resume=resume if resume is not None and epoch == resume.epoch else None,
                         validation=(validation_data, validation_batch_size, validation_steps))
+                    self.epoch, self.epoch_step = epoch + 1, 0  # the position after a finished epoch
                     if self.stop_training:
                         break
                 if session is not None:
-                    self.epoch, self.epoch_step = self.epoch + 1, 0  # the position after the last epoch
                     session.save_at_end()
         except Preempted:
             self._dispatch("on_train_end", logs)  # summaries and logs are flushed

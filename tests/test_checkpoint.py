@@ -69,7 +69,7 @@ def test_preempted_in_process_resumes_bitwise_with_the_same_history(backend, tmp
         fit(trainer)
     assert isinstance(stopped.value, dt.Preempted) and stopped.value.code == dt.PREEMPTION_EXIT_CODE == 42
     assert stopped.value.step == stop_after + 1  # after the step that followed the signal
-    assert stopped.value.checkpoint == os.path.join(tmp_path, f"ckpt-{stop_after + 1}")
+    assert stopped.value.checkpoint == tf.train.latest_checkpoint(tmp_path)
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # fit restored the handler
 
     resumed, model = make(backend, tmp_path)
@@ -80,15 +80,17 @@ def test_preempted_in_process_resumes_bitwise_with_the_same_history(backend, tmp
         np.testing.assert_allclose(history[name], expected[name], rtol=1e-6)
 
 
-def test_a_finished_run_started_again_does_nothing(backend, tmp_path, capsys):
-    trainer, model = make(backend, tmp_path)
+@pytest.mark.parametrize("every_steps,final", [(None, 1), (4, 4)])  # (4: the last step's save, then the end's)
+def test_a_finished_run_started_again_does_nothing(backend, tmp_path, capsys, every_steps, final):
+    trainer, model = make(backend, tmp_path, every_steps=every_steps)
     expected = fit(trainer)
-    again, again_model = make(backend, tmp_path)
+    again, again_model = make(backend, tmp_path, every_steps=every_steps)
     history = fit(again)
     assert history == expected
     assert int(again.optimizer.iterations.numpy()) == 12
     assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(model.variables, again_model.variables))
-    assert f"resuming from {tmp_path}/ckpt-12 at the start of epoch 5 (global step 12)" in capsys.readouterr().err
+    assert (f"resuming from {tmp_path}/ckpt-{final} at the start of epoch 5 (global step 12)"
+            in capsys.readouterr().err)
 
 
 def test_keeps_the_last_checkpoints_and_saves_on_a_timer(backend, tmp_path):

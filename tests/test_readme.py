@@ -37,5 +37,5 @@ def test_readme_checkpoint_snippet_resumes_when_run_again(tmp_path):
     first = run("single", path, timeout=120)
     assert "epochs 3 96" in first.stdout and "resuming" not in first.stderr
     second = run("single", path, timeout=120)
-    assert "resuming from runs/ckpt/ckpt-96 at the start of epoch 4 (global step 96)" in second.stderr
+    assert "resuming from runs/ckpt/ckpt-1 at the start of epoch 4 (global step 96)" in second.stderr
     assert "epochs 3 96" in second.stdout  # nothing left to run: the saved history comes back
