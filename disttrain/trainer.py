@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import keras
 import numpy as np
@@ -14,44 +14,17 @@ import tensorflow as tf
 from disttrain import data as data_lib
 from disttrain import epoch_agreement
 from disttrain import metrics as metrics_lib
-from disttrain import step_logs
+from disttrain import step_functions, step_logs
 from disttrain.checkpoint import Checkpointing, CheckpointSession, Progress
 from disttrain.preemption import Preempted, exit_now
 from disttrain.progress import ProgressBar
 from disttrain.backends import Backend, get_backend
 from disttrain.callbacks import Callback, current_learning_rate, dispatch
 from disttrain.step_context import StepContext
-from disttrain.totals import EXAMPLES, EpochTotals
+from disttrain.totals import EpochTotals
 
 
 StepFn = Callable[[StepContext, Any], Any]
-
-
-def _named_gradients(pairs: list) -> dict[str, tf.Tensor]:
-    """``{variable path: gradient}`` (a repeated variable gets a ``_<index>`` suffix)."""
-    grads: dict[str, tf.Tensor] = {}
-    for i, (variable, grad) in enumerate(pairs):
-        name = getattr(variable, "path", None) or variable.name
-        grads[name if name not in grads else f"{name}_{i}"] = tf.convert_to_tensor(grad)
-    return grads
-
-
-NONFINITE = "skipped_fraction"  # step output: the share of steps a LossScaleOptimizer skipped (non-finite)
-
-
-def _micro_batches(batch: Any, count: int) -> list:
-    """``batch`` (a structure of tensors) split along the first axis into ``count`` equal parts."""
-    flat = tf.nest.flatten(batch)
-    parts = [tf.split(t, count) for t in flat]
-    return [tf.nest.pack_sequence_as(batch, [p[i] for p in parts]) for i in range(count)]
-
-
-def _as_outputs(value: Any) -> dict[str, tf.Tensor]:
-    if value is None:
-        return {}
-    if isinstance(value, Mapping):
-        return {str(k): tf.cast(tf.convert_to_tensor(v), tf.float32) for k, v in value.items()}
-    return {"loss": tf.cast(tf.convert_to_tensor(value), tf.float32)}
 
 
 class Trainer:
@@ -155,61 +128,14 @@ class Trainer:
 
     # -- compiled steps ------------------------------------------------------------------------
     def _function(self, kind: str, global_batch_size: int, *, gradients: bool = False,
-                  masked: bool = False) -> Callable:
-        """The compiled step; with ``gradients`` it returns ``(outputs, {variable path: local gradient})``;
-        with ``masked`` the outputs also count the real (unmasked) examples under ``EXAMPLES``."""
+                  masked: bool = False) -> step_functions.CompiledSteps:
+        """The compiled steps (see :mod:`disttrain.step_functions`), traced once per variant."""
         key = (kind, global_batch_size, gradients, masked)
         if key not in self._functions:
-            step = self._train_step if kind == "train" else self._eval_step
-            ctx = StepContext(backend=self.backend, global_batch_size=global_batch_size)
-            backend = self.backend
-
-            def one_step(batch):
-                outputs = _as_outputs(step(ctx, batch))
-                if masked:
-                    outputs[EXAMPLES] = tf.reduce_sum(tf.cast(data_lib.mask_of(batch), tf.float32))
-                return outputs
-
-            accumulate = self.accumulation_steps if kind == "train" else 1
-
-            def outputs_of(batch):
-                if accumulate == 1:
-                    outputs = one_step(batch)
-                else:
-                    # Global-batch-scaled outputs (ctx.average_loss) of the micro-batches add up to the batch's.
-                    results = ctx.run_accumulated(one_step, _micro_batches(batch, accumulate))
-                    outputs = {name: tf.add_n([r[name] for r in results]) for name in results[0]}
-                skipped = ctx.take_nonfinite()
-                if skipped is not None:  # summed over the replicas, each counts 1/num_replicas
-                    outputs[NONFINITE] = skipped / ctx.num_replicas
-                return outputs
-
-            def replica_fn(batch):
-                if not gradients:
-                    return outputs_of(batch)
-                ctx._capture.pairs = captured = []  # replicas may trace in parallel threads
-                try:
-                    outputs = outputs_of(batch)
-                finally:
-                    ctx._capture.pairs = None
-                return outputs, _named_gradients(captured)
-
-            def on_replicas(batch, control):
-                outputs = tf.nest.map_structure(backend.local_sum, backend.run(replica_fn, args=(batch,)))
-                if control is None:
-                    return outputs
-                # The stop/save flags of every process, in one small all-reduce beside the step's own.
-                return outputs, backend.reduce_across_processes(control, "max")
-
-            @tf.function
-            def run(iterator, control=None):
-                return on_replicas(next(iterator), control)
-
-            @tf.function
-            def run_batch(batch, control=None):  # unknown-length pipelines: the batch was fetched and agreed on
-                return on_replicas(batch, control)
-
-            self._functions[key] = (run, run_batch)
+            self._functions[key] = step_functions.compile_steps(
+                step=self._train_step if kind == "train" else self._eval_step, backend=self.backend,
+                global_batch_size=global_batch_size, gradients=gradients, masked=masked,
+                accumulation_steps=self.accumulation_steps if kind == "train" else 1)
         return self._functions[key]
 
     def reset_compiled_steps(self) -> None:
@@ -220,7 +146,8 @@ class Trainer:
     def _run_epoch(self, kind: str, data: Any, *, global_batch_size: int, epoch: int,
                    steps: int | None, seed: int | None, remainder: str = "drop",
                    metrics: Sequence[keras.metrics.Metric] = (), step_logger: step_logs.StepLogger | None = None,
-                   resume: Progress | None = None) -> tuple[dict[str, float], int, float]:
+                   resume: Progress | None = None, steps_per_execution: int = 1
+                   ) -> tuple[dict[str, float], int, float]:
         """Runs one epoch (from ``resume``'s position when given) and returns ``(logs, steps run here,
         seconds)``; every process runs the same steps and gets the same logs."""
         backend = self.backend
@@ -239,23 +166,29 @@ class Trainer:
         ran = 0
         while epoch_input.steps is None or ran < epoch_input.steps:
             wants_gradients = step_logger is not None and step_logger.wants_gradients(self.global_step + 1)
-            run, run_batch = self._function(kind, global_batch_size, gradients=wants_gradients,
-                                            masked=epoch_input.masked)
+            compiled = self._function(kind, global_batch_size, gradients=wants_gradients, masked=epoch_input.masked)
             control = session.control() if session is not None else None
+            count = 1
             if epoch_input.steps is None:  # unknown length: the processes agree on every batch
                 batch = epoch_input.next_agreed()
                 if batch is None:
                     break
-                result = run_batch(batch, control)
+                result = compiled.run_batch(batch, control)
             else:
-                result = run(epoch_input.iterator, control)
+                if not wants_gradients:
+                    count = self._call_length(steps_per_execution, remaining=epoch_input.steps - ran,
+                                              step_logger=step_logger if kind == "train" else None, session=session)
+                if count == 1:
+                    result = compiled.run(epoch_input.iterator, control)
+                else:
+                    result = compiled.run_many(epoch_input.iterator, tf.constant(count), control)
             if session is not None:
                 result, control = result
             outputs, grads = result if wants_gradients else (result, None)
             totals.add(outputs)
-            ran += 1
+            ran += count
             if kind == "train":
-                self.global_step += 1
+                self.global_step += count
                 self.epoch_step = done + ran
             if step_logger is not None:
                 step_logger.after_step(step=self.global_step, epoch_step=done + ran, totals=totals, gradients=grads)
@@ -277,6 +210,25 @@ class Trainer:
         logs.update(reduced.metrics)
         return logs, ran, reduced.seconds / backend.size
 
+    def _call_length(self, steps_per_execution: int, *, remaining: int,
+                     step_logger: step_logs.StepLogger | None, session: CheckpointSession | None) -> int:
+        """Steps the next call runs: up to ``steps_per_execution``, ending exactly at the next step that
+        logs, checkpoints or ends the epoch (and just before a step that records gradients)."""
+        step, count = self.global_step, min(steps_per_execution, remaining)
+        if step_logger is not None:
+            intervals = step_logger.intervals
+            if intervals.log_every_steps:
+                count = min(count, intervals.log_every_steps - step % intervals.log_every_steps)
+            if intervals.histogram_every_steps:  # a gradient histogram step runs alone (with gradients)
+                until = intervals.histogram_every_steps - step % intervals.histogram_every_steps
+                count = min(count, until - 1 if intervals.gradients and until > 1 else until)
+            if intervals.profile_steps:  # a profile covers exactly its steps
+                first, last = intervals.profile_steps
+                count = min([count] + [b - step for b in (first - 1, last) if b > step])
+        if session is not None and session.config.every_steps:
+            count = min(count, session.config.every_steps - step % session.config.every_steps)
+        return max(1, count)
+
     def _dispatch(self, hook: str, *args: Any) -> None:
         dispatch(self.callbacks, hook, self, *args)
 
@@ -294,7 +246,7 @@ class Trainer:
     def fit(self, data: Any, *, global_batch_size: int, epochs: int = 1, steps_per_epoch: int | None = None,
             shuffle_seed: int | None = None, validation_data: Any = None,
             validation_batch_size: int | None = None, validation_steps: int | None = None,
-            initial_epoch: int = 0, remainder: str = "drop") -> dict[str, list[float]]:
+            initial_epoch: int = 0, remainder: str = "drop", steps_per_execution: int = 1) -> dict[str, list[float]]:
         """Trains for ``epochs`` epochs and returns the history ``{name: [value per epoch]}``.
 
         With ``Trainer(checkpointing=...)``, the first ``fit`` of a trainer first restores the latest
@@ -315,6 +267,12 @@ class Trainer:
           initial_epoch: First epoch's number.
           remainder: The last partial batch of an epoch: ``"drop"`` it, or ``"pad"`` it with masked
             examples (each batch then carries a ``mask``, see ``disttrain.data``). Validation always pads.
+          steps_per_execution: Run up to this many steps inside one compiled call (a ``tf.while_loop``),
+            for training and validation: less Python and dispatch per step for small models. Step
+            logs, histograms, profiles, ``Checkpointing(every_steps=...)`` and epoch ends still act at
+            their exact steps (a call ends there); what is checked once per call is the preemption
+            flag and ``every_seconds`` (a stop waits for the running call, up to K steps). Pipelines of
+            unknown length run one step per call.
 
         Raises:
           ValueError: For a global batch that does not split over the replicas, an infinite dataset
@@ -324,6 +282,7 @@ class Trainer:
             checkpoint is saved on every process.
         """
         self.backend.input_context(global_batch_size)  # validates the batch before anything runs
+        _check_steps_per_execution(steps_per_execution)
         per_replica, k = global_batch_size // self.backend.num_replicas, self.accumulation_steps
         if per_replica % k:
             raise ValueError(f"global batch {global_batch_size} gives {per_replica} examples a replica, which do not "
@@ -340,7 +299,8 @@ class Trainer:
         step_logger = step_logs.StepLogger(trainer=self, intervals=intervals) if intervals.active else None
         self.fit_config = {"global_batch_size": global_batch_size, "accumulation_steps": self.accumulation_steps,
                            "epochs": epochs, "steps_per_epoch": steps_per_epoch, "initial_epoch": initial_epoch,
-                           "shuffle_seed": shuffle_seed, "log_every_steps": intervals.log_every_steps,
+                           "shuffle_seed": shuffle_seed, "steps_per_execution": steps_per_execution,
+                           "log_every_steps": intervals.log_every_steps,
                            "histogram_every_steps": intervals.histogram_every_steps}
         session = self.checkpointing
         resume = session.restore() if session is not None and not session.restored else None
@@ -384,14 +344,15 @@ class Trainer:
         self.epoch_lr = resumed_lr if resumed_lr is not None else current_learning_rate(self.optimizer)
         logs, ran, seconds = self._run_epoch(
             "train", data, global_batch_size=global_batch_size, epoch=epoch, steps=steps_per_epoch,
-            seed=shuffle_seed, remainder=remainder, metrics=self.metrics, step_logger=step_logger, resume=resume)
+            seed=shuffle_seed, remainder=remainder, metrics=self.metrics, step_logger=step_logger, resume=resume,
+            steps_per_execution=self.fit_config["steps_per_execution"])
         logs["lr"] = self.epoch_lr
         logs["examples_per_sec"] = ran * global_batch_size / seconds if ran and seconds > 0 else 0.0
         logs["step_time"] = seconds / ran if ran else 0.0
         validation_data, validation_batch_size, validation_steps = validation
         if validation_data is not None:
             val = self.evaluate(validation_data, global_batch_size=validation_batch_size or global_batch_size,
-                                steps=validation_steps)
+                                steps=validation_steps, steps_per_execution=self.fit_config["steps_per_execution"])
             logs.update({f"val_{k}": v for k, v in val.items()})
         self._dispatch("on_epoch_end", epoch, logs)
         for name, value in logs.items():
@@ -404,7 +365,7 @@ class Trainer:
         return logs
 
     def evaluate(self, data: Any, *, global_batch_size: int, steps: int | None = None,
-                 remainder: str = "pad") -> dict[str, float]:
+                 remainder: str = "pad", steps_per_execution: int = 1) -> dict[str, float]:
         """Runs ``eval_step`` over ``data`` and returns globally reduced values and ``eval_metrics``.
 
         With ``remainder="pad"`` (the default) every example is evaluated exactly once: the last batch is
@@ -417,14 +378,22 @@ class Trainer:
           global_batch_size: Examples per step over all replicas.
           steps: Steps to run (default one pass; required for infinite datasets).
           remainder: ``"pad"`` (exact) or ``"drop"``.
+          steps_per_execution: Steps per compiled call, as for :meth:`fit`.
 
         Raises:
           ValueError: If the trainer has no ``eval_step``, or for bad input as in :meth:`fit`.
         """
         if self._eval_step is None:
             raise ValueError("evaluate needs an eval_step; pass eval_step=fn(ctx, batch) to Trainer")
+        _check_steps_per_execution(steps_per_execution)
         metrics_lib.reset(self.eval_metrics)
         data_lib.check_data(data, model=self.model)
-        logs, _, _ = self._run_epoch("eval", data, global_batch_size=global_batch_size, epoch=0,
-                                     steps=steps, seed=None, remainder=remainder, metrics=self.eval_metrics)
+        logs, _, _ = self._run_epoch("eval", data, global_batch_size=global_batch_size, epoch=0, steps=steps,
+                                     seed=None, remainder=remainder, metrics=self.eval_metrics,
+                                     steps_per_execution=steps_per_execution)
         return logs
+
+
+def _check_steps_per_execution(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"steps_per_execution={value!r} must be an int >= 1 (steps run in one compiled call)")

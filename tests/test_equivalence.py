@@ -74,6 +74,9 @@ def test_one_device_accumulation_and_mixed_precision(reference):
     for got, want in zip(load(reference, "accum", 0), load(reference, "adam", 0)):
         rel = np.max(np.abs(got - want)) / np.max(np.abs(want))
         assert rel <= 1e-5, f"single/accum: relative difference {rel:.2e} > 1e-5"
+    # K steps per compiled call apply the same updates in the same order: bitwise on one device
+    assert all(np.array_equal(a, b) for a, b in zip(load(reference, "spe", 0), load(reference, "adam", 0)))
+    np.testing.assert_allclose(info["spe_loss"], info["adam_loss"], rtol=1e-6)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -91,9 +94,9 @@ def test_backend_matches_single_device(case, reference, tmp_path):
     if case == "horovod-gloo":
         assert all(i["gloo"] and not i["mpi"] for i in infos), infos
     assert all(i["clipped_fraction"][0] == 1.0 for i in infos), infos  # the clipping did act
-    for optimizer in ("sgd", "adam", "two", "clip", "accum"):
+    for optimizer in ("sgd", "adam", "two", "clip", "accum", "spe"):
         assert all(i[f"{optimizer}_steps"] == 20 for i in infos), infos
-        expected = load(reference, "adam" if optimizer == "accum" else optimizer, 0)
+        expected = load(reference, "adam" if optimizer in ("accum", "spe") else optimizer, 0)
         ranks = [load(tmp_path, optimizer, r) for r in range(processes)]
         for rank_weights in ranks[1:]:  # bitwise identical across ranks
             for a, b in zip(ranks[0], rank_weights):

@@ -161,3 +161,10 @@ def test_loss_scale_optimizer_skips_nonfinite_steps_and_the_logs_count_them():
     assert all(np.array_equal(a, b) for a, b in zip(weights[1][2], weights[2][2]))  # step 3 changed nothing
     assert not all(np.array_equal(a, b) for a, b in zip(weights[2][2], weights[3][2]))  # step 4 did
     assert int(optimizer.iterations.numpy()) == 3 and float(optimizer.dynamic_scale.numpy()) == 2.0 ** 14
+
+
+def test_a_second_get_backend_cannot_change_the_gradient_options():
+    backend = dt.get_backend("single", threads=1)
+    assert dt.get_backend("single") is backend  # defaults: the running backend
+    with pytest.raises(ValueError, match=r"a second get_backend cannot change it to GradientOptions\(compression='fp16'"):
+        dt.get_backend("single", compression="fp16")

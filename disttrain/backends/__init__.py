@@ -74,6 +74,9 @@ def get_backend(name: str = "auto", *, cpu_replicas: int | None = None, threads:
         if _current.name != name:
             raise ValueError(f"this process already runs the {_current.name!r} backend; a process can "
                              f"use one backend only (asked for {name!r})")
+        if gradient_options not in (GradientOptions(), _current.gradient_options):
+            raise ValueError(f"the {name!r} backend already runs with {_current.gradient_options}; a second "
+                             f"get_backend cannot change it to {gradient_options}: pass the options to the first call")
         return _current
     from disttrain.backends.devices import limit_threads
 

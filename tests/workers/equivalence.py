@@ -1,7 +1,8 @@
 """Trains the same model with SGD and with Adam for 20 steps and saves each rank's final weights.
 
 Last, mixed_float16 and mixed_bfloat16 with a LossScaleOptimizer on data with one inf example (one
-step an epoch must be skipped everywhere). "accum" is the Adam training again with 4 accumulated micro-batches per step (the same updates).
+step an epoch must be skipped everywhere). "accum" is the Adam training again with 4 accumulated micro-batches per step
+(the same updates); "spe" is it again with 3 steps per compiled call (steps_per_execution, the same updates).
 Then, with fp16 and bf16 gradient compression (small buckets, so several collectives per step): the
 SGD training again, and one step's reduced gradients next to each replica's local ones (``reduce_*``),
 so the test can check the sum was taken in the compressed dtype.
@@ -32,10 +33,11 @@ if backend.name == "horovod":
     info["mpi"] = bool(hvd.mpi_enabled())
     info["gloo"] = bool(hvd.gloo_enabled())
 
-# (name, optimizer, gradient accumulation steps): "accum" must end where "adam" does
-for name, make_optimizer, accumulation in [("sgd", lambda: keras.optimizers.SGD(0.05), 1),
-                                           ("adam", lambda: keras.optimizers.Adam(0.01), 1),
-                                           ("accum", lambda: keras.optimizers.Adam(0.01), 4)]:
+# (name, optimizer, gradient accumulation steps, steps per call): "accum" and "spe" must end where "adam" does
+for name, make_optimizer, accumulation, per_call in [("sgd", lambda: keras.optimizers.SGD(0.05), 1, 1),
+                                                     ("adam", lambda: keras.optimizers.Adam(0.01), 1, 1),
+                                                     ("accum", lambda: keras.optimizers.Adam(0.01), 4, 1),
+                                                     ("spe", lambda: keras.optimizers.Adam(0.01), 1, 3)]:
     with backend.scope():
         keras.utils.set_random_seed(42)
         model = keras.Sequential([keras.Input(shape=(8,)), keras.layers.Dense(16, activation="tanh"),
@@ -52,7 +54,8 @@ for name, make_optimizer, accumulation in [("sgd", lambda: keras.optimizers.SGD(
 
     trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=train_step, backend=backend, verbose=0,
                          accumulation_steps=accumulation)
-    history = trainer.fit(dataset, global_batch_size=GLOBAL_BATCH, epochs=EPOCHS, shuffle_seed=7)
+    history = trainer.fit(dataset, global_batch_size=GLOBAL_BATCH, epochs=EPOCHS, shuffle_seed=7,
+                          steps_per_execution=per_call)
     info[f"{name}_steps"] = int(optimizer.iterations.numpy())
     info[f"{name}_loss"] = history["loss"]
     np.savez(os.path.join(args.out, f"{name}_rank{backend.rank}.npz"),
