@@ -90,7 +90,6 @@ class Trainer:
         if verbose >= 2:
             self.callbacks.append(ProgressBar())
         self.log_every_steps = log_every_steps
-        self.global_step = 0
         self.epoch = self.epoch_step = self.epoch_steps = 0
         self.global_batch_size = 0  # of the running fit (read by callbacks, e.g. LR scaling)
         self.fit_config: dict[str, Any] = {}
@@ -112,6 +111,9 @@ class Trainer:
                 opt.build(self.trainable_variables)
         self.backend.sync_initial_state([v for m in self.models for v in m.variables] +
                                         [v for o in self.optimizers for v in o.variables])
+        # Train steps run, across fits; starts at the optimizer's count (a model trained before). The trainer
+        # keeps its own count: a LossScaleOptimizer does not count the steps it skips.
+        self.global_step = int(np.asarray(self.optimizer.iterations))
         self._functions: dict[tuple, Callable] = {}
         self.history: dict[str, list[float]] = {}
         self.stop_training = False
@@ -293,7 +295,6 @@ class Trainer:
             raise ValueError("validation_data needs an eval_step; pass eval_step=fn(ctx, batch) to Trainer")
         self.stop_training = False
         self.global_batch_size = global_batch_size
-        self.global_step = int(np.asarray(self.optimizer.iterations))
         intervals = step_logs.agree(self.backend, step_logs.requested_intervals(
             log_every_steps=self.log_every_steps, callbacks=self.callbacks))
         step_logger = step_logs.StepLogger(trainer=self, intervals=intervals) if intervals.active else None
