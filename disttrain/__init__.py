@@ -8,7 +8,7 @@
     trainer.fit(dataset, global_batch_size=64, epochs=5)
 """
 
-from disttrain.backends import Backend, InputContext, detect, get_backend
+from disttrain.backends import Backend, GradientOptions, InputContext, detect, get_backend
 from disttrain.callbacks import Callback, current_learning_rate
 from disttrain.checkpoint import Checkpointing
 from disttrain.preemption import PREEMPTION_EXIT_CODE, Preempted
@@ -20,5 +20,5 @@ from disttrain import data, lr, metrics, shards, summaries  # noqa: E402  (submo
 
 __version__ = "0.1.0"
 
-__all__ = ["data", "lr", "metrics", "shards", "summaries", "Backend", "Callback", "Checkpointing", "PREEMPTION_EXIT_CODE", "Preempted", "InputContext", "JsonLinesLogger", "ProgressBar", "StepContext", "TensorBoard",
+__all__ = ["GradientOptions", "data", "lr", "metrics", "shards", "summaries", "Backend", "Callback", "Checkpointing", "PREEMPTION_EXIT_CODE", "Preempted", "InputContext", "JsonLinesLogger", "ProgressBar", "StepContext", "TensorBoard",
            "Trainer", "current_learning_rate", "detect", "get_backend", "__version__"]

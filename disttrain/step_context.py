@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import keras
 import tensorflow as tf
@@ -25,23 +25,27 @@ class StepContext:
         self.global_batch_size = global_batch_size
         self.num_replicas = backend.num_replicas
         # Per replica thread, while tracing: (variable, local gradient) pairs of a gradient-histogram step,
-        # and the step-number tensor for the watchdog's gradient mark.
+        # and the mark tensor for the watchdog's in-graph marks.
         self._capture = threading.local()
         self._marker = marker  # a disttrain.watchdog.GradientMarker, or None
         self._traced = self._traced_apply = False
+        # per replica thread, while tracing accumulated micro-batches: {key: [optimizer, grad sums, variables]}
+        self._pending = threading.local()
+        # per replica thread, while tracing a train step: 1.0 when a LossScaleOptimizer skips the update
+        self._nonfinite = threading.local()
 
     @property
     def applies_gradients(self) -> bool:
         """Whether the step calls :meth:`apply_gradients` (True until it has been traced)."""
         return self._traced_apply or not self._traced
 
-    def _begin_trace(self, step: Any, batch: Any) -> Any:
-        """Called by the trainer when the step is traced on a replica: ``step`` is the call's number for the
-        watchdog's marks (or None), ``batch`` this replica's input; returns the batch to hand the step."""
+    def _begin_trace(self, mark: Any, batch: Any) -> Any:
+        """Called when the step is traced on a replica: ``mark`` is the call's value for the watchdog's marks
+        (or None), ``batch`` this replica's input; returns the batch to hand the step."""
         self._traced = True
-        self._capture.step = step
-        if self._marker is not None and step is not None:
-            return self._marker.mark_batch(step, batch)
+        self._capture.mark = mark
+        if self._marker is not None and mark is not None:
+            return self._marker.mark_batch(mark, batch)
         return batch
 
     def average_loss(self, per_example_loss: tf.Tensor, sample_weight: tf.Tensor | None = None) -> tf.Tensor:
@@ -68,15 +72,60 @@ class StepContext:
             factor = tf.minimum(1.0, clip_norm / norm)
             ctx.apply_gradients(optimizer, [g * factor for g in grads], variables)
         """
+        if getattr(self._pending, "updates", None) is not None:
+            raise ValueError("ctx.reduce_gradients is not available with accumulation_steps > 1: it would see one "
+                             "micro-batch's gradients, not the update's; use accumulation_steps=1 for steps that "
+                             "decide on the global gradient (e.g. clipping by its norm)")
         return self.backend.reduce_gradients(grads)
 
     def apply_gradients(self, optimizer: keras.optimizers.Optimizer, grads: list, variables: list) -> None:
-        """Sums ``grads`` over all replicas (once) and applies them with ``optimizer``."""
+        """Sums ``grads`` over all replicas (once) and applies them with ``optimizer``.
+
+        With gradient accumulation (``Trainer(accumulation_steps=K)``) the call only adds ``grads`` to
+        this update's sums; they are reduced and applied once, after the K-th micro-batch."""
+        pending = getattr(self._pending, "updates", None)
+        if pending is not None:
+            key = (id(optimizer), tuple(id(v) for v in variables))
+            if key not in pending:
+                pending[key] = [optimizer, list(grads), list(variables)]
+            else:
+                sums = pending[key][1]
+                pending[key][1] = [s if g is None else g if s is None else s + g for s, g in zip(sums, grads)]
+            return
         captured = getattr(self._capture, "pairs", None)
         if captured is not None:
             captured.extend((v, g) for g, v in zip(grads, variables) if g is not None)
-        step = getattr(self._capture, "step", None)
-        if self._marker is not None and step is not None:
-            self._marker.mark_gradients(step, grads)
+        mark = getattr(self._capture, "mark", None)
+        if self._marker is not None and mark is not None:
+            self._marker.mark_gradients(mark, grads)
         self._traced_apply = True
-        self.backend.apply_gradients(optimizer, grads, variables)
+        reduced = self.backend.reduce_gradients(grads)
+        if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            # It skips the update when a gradient is not finite; decided on the reduced gradients, the
+            # decision is the same on every replica. Counted for the logs (see take_nonfinite).
+            skipped = tf.cast(tf.logical_not(optimizer.check_finite(reduced)), tf.float32)
+            self._nonfinite.value = tf.maximum(getattr(self._nonfinite, "value", 0.0), skipped)
+        self.backend.apply_reduced_gradients(optimizer, reduced, variables)
+
+    def take_nonfinite(self) -> tf.Tensor | None:
+        """1.0 if a ``LossScaleOptimizer`` skipped this replica's step for non-finite gradients, 0.0 if
+        not, None if no such optimizer applied gradients; resets the record."""
+        value = getattr(self._nonfinite, "value", None)
+        self._nonfinite.value = None
+        return value
+
+    def run_accumulated(self, micro_step: Callable[[Any], Any], micro_batches: list) -> list:
+        """Runs ``micro_step`` on each micro-batch (at trace time, unrolled), summing the gradients each
+        passes to :meth:`apply_gradients`; then reduces and applies each optimizer's sums once.
+
+        Returns:
+          The micro-steps' results, in order.
+        """
+        self._pending.updates = pending = {}
+        try:
+            results = [micro_step(batch) for batch in micro_batches]
+        finally:
+            self._pending.updates = None
+        for optimizer, grads, variables in pending.values():
+            self.apply_gradients(optimizer, grads, variables)
+        return results

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import keras
 import numpy as np
@@ -16,7 +16,7 @@ from disttrain import data_checks
 from disttrain import drift as drift_lib
 from disttrain import epoch_agreement
 from disttrain import metrics as metrics_lib
-from disttrain import step_logs
+from disttrain import step_functions, step_logs
 from disttrain import watchdog as watchdog_lib
 from disttrain.checkpoint import Checkpointing, CheckpointSession, Progress
 from disttrain.preemption import Preempted, exit_now
@@ -24,27 +24,10 @@ from disttrain.progress import ProgressBar
 from disttrain.backends import Backend, get_backend
 from disttrain.callbacks import Callback, current_learning_rate, dispatch
 from disttrain.step_context import StepContext
-from disttrain.totals import EXAMPLES, EpochTotals
+from disttrain.totals import EpochTotals
 
 
 StepFn = Callable[[StepContext, Any], Any]
-
-
-def _named_gradients(pairs: list) -> dict[str, tf.Tensor]:
-    """``{variable path: gradient}`` (a repeated variable gets a ``_<index>`` suffix)."""
-    grads: dict[str, tf.Tensor] = {}
-    for i, (variable, grad) in enumerate(pairs):
-        name = getattr(variable, "path", None) or variable.name
-        grads[name if name not in grads else f"{name}_{i}"] = tf.convert_to_tensor(grad)
-    return grads
-
-
-def _as_outputs(value: Any) -> dict[str, tf.Tensor]:
-    if value is None:
-        return {}
-    if isinstance(value, Mapping):
-        return {str(k): tf.cast(tf.convert_to_tensor(v), tf.float32) for k, v in value.items()}
-    return {"loss": tf.cast(tf.convert_to_tensor(value), tf.float32)}
 
 
 class Trainer:
@@ -77,6 +60,11 @@ class Trainer:
         processes agree on the largest value asked for.
       checkpointing: A :class:`disttrain.Checkpointing`: periodic checkpoints, exact resume when ``fit``
         starts, and a checkpoint-then-exit(42) on SIGTERM/SIGINT (see ``disttrain.checkpoint``).
+      accumulation_steps: Gradient accumulation: each replica's batch is split into this many
+        micro-batches, ``train_step`` runs on each (unrolled in one compiled step), the gradients it
+        passes to ``ctx.apply_gradients`` are summed, and reduced over the replicas and applied once per
+        global batch: the same update as one step on the whole batch, with 1/K of the activations in
+        memory. A step, the step count, the LR and every log stay per global batch.
       step_timeout: Seconds a step, eager collective, callback or checkpoint save may take inside ``fit``
         and ``evaluate``; longer, and every rank prints where it is, dumps its Python stacks and exits with
         code 124 (see ``disttrain.watchdog``). None (default) reads ``DISTTRAIN_STEP_TIMEOUT``; unset or 0: off.
@@ -85,7 +73,8 @@ class Trainer:
         the first variable that differs, when they are out of sync (see ``disttrain.drift``). 0: off.
 
     Raises:
-      ValueError: If the model has no variables yet, or model/optimizer were created outside the scope.
+      ValueError: If the model has no variables yet, model/optimizer were created outside the scope, or
+        ``accumulation_steps`` < 1.
     """
 
     def __init__(self, *, model: keras.Model | Sequence[keras.Model],
@@ -95,11 +84,16 @@ class Trainer:
                  eval_metrics: Iterable[keras.metrics.Metric | Callable] | None = None,
                  callbacks: Iterable[Callback] = (), verbose: int = 1, print_fn: Callable[[str], None] | None = None,
                  log_every_steps: int | None = None, checkpointing: Checkpointing | None = None,
-                 step_timeout: float | None = None, drift_check_every_steps: int = 0):
+                 accumulation_steps: int = 1, step_timeout: float | None = None, drift_check_every_steps: int = 0):
         self.backend = backend or get_backend("auto")
         self.step_timeout = watchdog_lib.timeout_from(step_timeout)
         self._marker = watchdog_lib.GradientMarker(backend=self.backend) if self.step_timeout else None
         self._watchdog: watchdog_lib.Watchdog | None = None
+        self._called: set[tuple] = set()  # compiled steps called once (traced) already
+        self._step_calls = 0  # compiled step calls under the watchdog (the value of its in-graph marks)
+        if int(accumulation_steps) != accumulation_steps or accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps={accumulation_steps!r} must be an integer >= 1 (1 = no accumulation)")
+        self.accumulation_steps = int(accumulation_steps)
         self.model = model
         self._train_step, self._eval_step = train_step, eval_step
         self.metrics = metrics_lib.as_list(metrics, scope=self.backend.scope)  # functions: wrapped, in scope
@@ -110,7 +104,6 @@ class Trainer:
         if verbose >= 2:
             self.callbacks.append(ProgressBar())
         self.log_every_steps = log_every_steps
-        self.global_step = 0
         self.epoch = self.epoch_step = self.epoch_steps = 0
         self.global_batch_size = 0  # of the running fit (read by callbacks, e.g. LR scaling)
         self.fit_config: dict[str, Any] = {}
@@ -135,10 +128,10 @@ class Trainer:
         self._drift = drift_lib.DriftCheck(
             backend=self.backend, every_steps=drift_check_every_steps,
             variables=self.trainable_variables + [v for o in self.optimizers for v in o.variables])
+        # Train steps run, across fits; starts at the optimizer's count (a model trained before). The trainer
+        # keeps its own count: a LossScaleOptimizer does not count the steps it skips.
+        self.global_step = int(np.asarray(self.optimizer.iterations))
         self._functions: dict[tuple, Callable] = {}
-        self._contexts: dict[tuple, StepContext] = {}  # of the compiled steps (did the step apply gradients?)
-        self._called: set[tuple] = set()  # compiled steps called once (traced) already
-        self._step_calls = 0  # compiled step calls under the watchdog (the value of its in-graph marks)
         self.history: dict[str, list[float]] = {}
         self.stop_training = False
         self.epoch_lr: float | None = None  # the LR logged for the running epoch (that of its first step)
@@ -154,62 +147,27 @@ class Trainer:
 
     # -- compiled steps ------------------------------------------------------------------------
     def _function(self, kind: str, global_batch_size: int, *, gradients: bool = False,
-                  masked: bool = False) -> Callable:
-        """The compiled step; with ``gradients`` it returns ``(outputs, {variable path: local gradient})``;
-        with ``masked`` the outputs also count the real (unmasked) examples under ``EXAMPLES``."""
+                  masked: bool = False) -> step_functions.CompiledSteps:
+        """The compiled steps (see :mod:`disttrain.step_functions`), traced once per variant."""
         key = (kind, global_batch_size, gradients, masked)
         if key not in self._functions:
-            step = self._train_step if kind == "train" else self._eval_step
-            ctx = StepContext(backend=self.backend, global_batch_size=global_batch_size, marker=self._marker)
-            self._contexts[key] = ctx
-            backend = self.backend
-
-            def outputs_of(batch):
-                outputs = _as_outputs(step(ctx, batch))
-                if masked:
-                    outputs[EXAMPLES] = tf.reduce_sum(tf.cast(data_lib.mask_of(batch), tf.float32))
-                return outputs
-
-            def replica_fn(batch, step):
-                batch = ctx._begin_trace(step, batch)
-                if not gradients:
-                    return outputs_of(batch)
-                ctx._capture.pairs = captured = []  # replicas may trace in parallel threads
-                try:
-                    outputs = outputs_of(batch)
-                finally:
-                    ctx._capture.pairs = None
-                return outputs, _named_gradients(captured)
-
-            def on_replicas(batch, control, step):
-                outputs = tf.nest.map_structure(backend.local_sum, backend.run(replica_fn, args=(batch, step)))
-                if control is None:
-                    return outputs
-                # The stop/save flags of every process, in one small all-reduce beside the step's own.
-                return outputs, backend.reduce_across_processes(control, "max")
-
-            @tf.function
-            def run(iterator, control=None, step=None):
-                return on_replicas(next(iterator), control, step)
-
-            @tf.function
-            def run_batch(batch, control=None, step=None):  # unknown length: the batch was fetched and agreed on
-                return on_replicas(batch, control, step)
-
-            self._functions[key] = (run, run_batch)
+            self._functions[key] = step_functions.compile_steps(
+                step=self._train_step if kind == "train" else self._eval_step, backend=self.backend,
+                global_batch_size=global_batch_size, gradients=gradients, masked=masked,
+                accumulation_steps=self.accumulation_steps if kind == "train" else 1, marker=self._marker)
         return self._functions[key]
 
     def reset_compiled_steps(self) -> None:
         """Drops the traced steps so the next step is traced again (e.g. after the optimizer's learning
         rate object was replaced: a traced step keeps applying the one it captured)."""
         self._functions.clear()
-        self._contexts.clear()
         self._called.clear()
 
     def _run_epoch(self, kind: str, data: Any, *, global_batch_size: int, epoch: int,
                    steps: int | None, seed: int | None, remainder: str = "drop",
                    metrics: Sequence[keras.metrics.Metric] = (), step_logger: step_logs.StepLogger | None = None,
-                   resume: Progress | None = None) -> tuple[dict[str, float], int, float]:
+                   resume: Progress | None = None, steps_per_execution: int = 1
+                   ) -> tuple[dict[str, float], int, float]:
         """Runs one epoch (from ``resume``'s position when given) and returns ``(logs, steps run here,
         seconds)``; every process runs the same steps and gets the same logs."""
         backend = self.backend
@@ -228,25 +186,33 @@ class Trainer:
         ran = 0
         while epoch_input.steps is None or ran < epoch_input.steps:
             wants_gradients = step_logger is not None and step_logger.wants_gradients(self.global_step + 1)
-            key = (kind, global_batch_size, wants_gradients, epoch_input.masked)
-            run, run_batch = self._function(kind, global_batch_size, gradients=wants_gradients,
-                                            masked=epoch_input.masked)
+            compiled = self._function(kind, global_batch_size, gradients=wants_gradients, masked=epoch_input.masked)
             control = session.control() if session is not None else None
+            count, key = 1, (kind, global_batch_size, wants_gradients, epoch_input.masked)
+            spec = epoch_input.element_spec
             if epoch_input.steps is None:  # unknown length: the processes agree on every batch
                 with self._phase("input", "the next batch of a pipeline of unknown length"):
                     batch = epoch_input.next_agreed()
                 if batch is None:
                     break
-                result = self._call(key, run_batch, batch, control, element_spec=epoch_input.element_spec)
+                result = self._call(key, compiled, compiled.run_batch, (batch,), control, element_spec=spec)
             else:
-                result = self._call(key, run, epoch_input.iterator, control, element_spec=epoch_input.element_spec)
+                if not wants_gradients:
+                    count = self._call_length(steps_per_execution, remaining=epoch_input.steps - ran,
+                                              step_logger=step_logger if kind == "train" else None, session=session)
+                if count == 1:
+                    result = self._call(key, compiled, compiled.run, (epoch_input.iterator,), control,
+                                        element_spec=spec)
+                else:
+                    result = self._call(key, compiled, compiled.run_many, (epoch_input.iterator, tf.constant(count)),
+                                        control, element_spec=spec, count=count)
             if session is not None:
                 result, control = result
             outputs, grads = result if wants_gradients else (result, None)
             totals.add(outputs)
-            ran += 1
+            ran += count
             if kind == "train":
-                self.global_step += 1
+                self.global_step += count
                 self.epoch_step = done + ran
             if step_logger is not None:
                 step_logger.after_step(step=self.global_step, epoch_step=done + ran, totals=totals, gradients=grads)
@@ -272,20 +238,42 @@ class Trainer:
         logs.update(reduced.metrics)
         return logs, ran, reduced.seconds / backend.size
 
-    def _call(self, key: tuple, fn: Callable, source: Any, control: Any, *, element_spec: Any) -> Any:
-        """Calls the compiled step ``fn`` on ``source`` (iterator or batch), watched by the watchdog; a dtype
-        clash between the labels (of ``element_spec``) and the model's output, which TF reports when it
-        traces the step, is re-raised with both dtypes and the fix."""
+    def _call_length(self, steps_per_execution: int, *, remaining: int,
+                     step_logger: step_logs.StepLogger | None, session: CheckpointSession | None) -> int:
+        """Steps the next call runs: up to ``steps_per_execution``, ending exactly at the next step that
+        logs, checkpoints or ends the epoch (and just before a step that records gradients)."""
+        step, count = self.global_step, min(steps_per_execution, remaining)
+        if step_logger is not None:
+            intervals = step_logger.intervals
+            if intervals.log_every_steps:
+                count = min(count, intervals.log_every_steps - step % intervals.log_every_steps)
+            if intervals.histogram_every_steps:  # a gradient histogram step runs alone (with gradients)
+                until = intervals.histogram_every_steps - step % intervals.histogram_every_steps
+                count = min(count, until - 1 if intervals.gradients and until > 1 else until)
+            if intervals.profile_steps:  # a profile covers exactly its steps
+                first, last = intervals.profile_steps
+                count = min([count] + [b - step for b in (first - 1, last) if b > step])
+        if session is not None and session.config.every_steps:
+            count = min(count, session.config.every_steps - step % session.config.every_steps)
+        return max(1, count)
+
+    def _call(self, key: tuple, compiled: step_functions.CompiledSteps, fn: Callable, args: tuple, control: Any,
+              *, element_spec: Any, count: int = 1) -> Any:
+        """Calls the compiled ``fn(*args, control)`` (``count`` steps), watched by the watchdog; a dtype clash
+        between the labels (of ``element_spec``) and the model's output, which TF reports when it traces the
+        step, is re-raised with both dtypes and the fix."""
         try:
             if self._watchdog is None:
-                return fn(source, control)
+                return fn(*args, control)
             self._step_calls += 1  # the marks' value for this call
             first = key not in self._called
             self._called.add(key)
-            self._watchdog.step_applies_gradients = self._contexts[key].applies_gradients
-            what = f"train step {self.global_step + 1}" if key[0] == "train" else "eval step"
-            with self._watchdog.phase("step", what, mark=self._step_calls, first=first):
-                return fn(source, control, tf.constant(self._step_calls, tf.int64))
+            self._watchdog.step_applies_gradients = compiled.ctx.applies_gradients
+            step = self.global_step + 1
+            what = "eval step" if key[0] != "train" else (
+                f"train step {step}" if count == 1 else f"train steps {step}-{step + count - 1} (one call)")
+            with self._watchdog.phase("step", what, mark=self._step_calls, first=first, count=count):
+                return fn(*args, control, tf.constant(self._step_calls, tf.int64))
         except TypeError as err:
             explained = data_checks.explain_dtype_mismatch(err, element_spec=element_spec, model=self.model)
             if explained is None:
@@ -331,7 +319,7 @@ class Trainer:
     def fit(self, data: Any, *, global_batch_size: int, epochs: int = 1, steps_per_epoch: int | None = None,
             shuffle_seed: int | None = None, validation_data: Any = None,
             validation_batch_size: int | None = None, validation_steps: int | None = None,
-            initial_epoch: int = 0, remainder: str = "drop") -> dict[str, list[float]]:
+            initial_epoch: int = 0, remainder: str = "drop", steps_per_execution: int = 1) -> dict[str, list[float]]:
         """Trains for ``epochs`` epochs and returns the history ``{name: [value per epoch]}``.
 
         With ``Trainer(checkpointing=...)``, the first ``fit`` of a trainer first restores the latest
@@ -352,6 +340,12 @@ class Trainer:
           initial_epoch: First epoch's number.
           remainder: The last partial batch of an epoch: ``"drop"`` it, or ``"pad"`` it with masked
             examples (each batch then carries a ``mask``, see ``disttrain.data``). Validation always pads.
+          steps_per_execution: Run up to this many steps inside one compiled call (a ``tf.while_loop``),
+            for training and validation: less Python and dispatch per step for small models. Step
+            logs, histograms, profiles, ``Checkpointing(every_steps=...)`` and epoch ends still act at
+            their exact steps (a call ends there); what is checked once per call is the preemption
+            flag and ``every_seconds`` (a stop waits for the running call, up to K steps). Pipelines of
+            unknown length run one step per call.
 
         Raises:
           ValueError: For a global batch that does not split over the replicas, an infinite dataset
@@ -361,18 +355,24 @@ class Trainer:
             checkpoint is saved on every process.
         """
         self.backend.input_context(global_batch_size)  # validates the batch before anything runs
+        _check_steps_per_execution(steps_per_execution)
+        per_replica, k = global_batch_size // self.backend.num_replicas, self.accumulation_steps
+        if per_replica % k:
+            raise ValueError(f"global batch {global_batch_size} gives {per_replica} examples a replica, which do not "
+                             f"split into accumulation_steps={k} micro-batches; use a multiple of "
+                             f"{self.backend.num_replicas * k}")
         data_lib.check_data(data, model=self.model)
         if validation_data is not None and self._eval_step is None:
             raise ValueError("validation_data needs an eval_step; pass eval_step=fn(ctx, batch) to Trainer")
         self.stop_training = False
         self.global_batch_size = global_batch_size
-        self.global_step = int(np.asarray(self.optimizer.iterations))
         intervals = step_logs.agree(self.backend, step_logs.requested_intervals(
             log_every_steps=self.log_every_steps, callbacks=self.callbacks))
         step_logger = step_logs.StepLogger(trainer=self, intervals=intervals) if intervals.active else None
-        self.fit_config = {"global_batch_size": global_batch_size, "epochs": epochs,
-                           "steps_per_epoch": steps_per_epoch, "initial_epoch": initial_epoch,
-                           "shuffle_seed": shuffle_seed, "log_every_steps": intervals.log_every_steps,
+        self.fit_config = {"global_batch_size": global_batch_size, "accumulation_steps": self.accumulation_steps,
+                           "epochs": epochs, "steps_per_epoch": steps_per_epoch, "initial_epoch": initial_epoch,
+                           "shuffle_seed": shuffle_seed, "steps_per_execution": steps_per_execution,
+                           "log_every_steps": intervals.log_every_steps,
                            "histogram_every_steps": intervals.histogram_every_steps}
         session = self.checkpointing
         resume = session.restore() if session is not None and not session.restored else None
@@ -416,14 +416,15 @@ class Trainer:
         self.epoch_lr = resumed_lr if resumed_lr is not None else current_learning_rate(self.optimizer)
         logs, ran, seconds = self._run_epoch(
             "train", data, global_batch_size=global_batch_size, epoch=epoch, steps=steps_per_epoch,
-            seed=shuffle_seed, remainder=remainder, metrics=self.metrics, step_logger=step_logger, resume=resume)
+            seed=shuffle_seed, remainder=remainder, metrics=self.metrics, step_logger=step_logger, resume=resume,
+            steps_per_execution=self.fit_config["steps_per_execution"])
         logs["lr"] = self.epoch_lr
         logs["examples_per_sec"] = ran * global_batch_size / seconds if ran and seconds > 0 else 0.0
         logs["step_time"] = seconds / ran if ran else 0.0
         validation_data, validation_batch_size, validation_steps = validation
         if validation_data is not None:
             val = self.evaluate(validation_data, global_batch_size=validation_batch_size or global_batch_size,
-                                steps=validation_steps)
+                                steps=validation_steps, steps_per_execution=self.fit_config["steps_per_execution"])
             logs.update({f"val_{k}": v for k, v in val.items()})
         self._dispatch("on_epoch_end", epoch, logs)
         for name, value in logs.items():
@@ -436,7 +437,7 @@ class Trainer:
         return logs
 
     def evaluate(self, data: Any, *, global_batch_size: int, steps: int | None = None,
-                 remainder: str = "pad") -> dict[str, float]:
+                 remainder: str = "pad", steps_per_execution: int = 1) -> dict[str, float]:
         """Runs ``eval_step`` over ``data`` and returns globally reduced values and ``eval_metrics``.
 
         With ``remainder="pad"`` (the default) every example is evaluated exactly once: the last batch is
@@ -449,15 +450,23 @@ class Trainer:
           global_batch_size: Examples per step over all replicas.
           steps: Steps to run (default one pass; required for infinite datasets).
           remainder: ``"pad"`` (exact) or ``"drop"``.
+          steps_per_execution: Steps per compiled call, as for :meth:`fit`.
 
         Raises:
           ValueError: If the trainer has no ``eval_step``, or for bad input as in :meth:`fit`.
         """
         if self._eval_step is None:
             raise ValueError("evaluate needs an eval_step; pass eval_step=fn(ctx, batch) to Trainer")
+        _check_steps_per_execution(steps_per_execution)
         metrics_lib.reset(self.eval_metrics)
         data_lib.check_data(data, model=self.model)
         with self._watching():
-            logs, _, _ = self._run_epoch("eval", data, global_batch_size=global_batch_size, epoch=0,
-                                         steps=steps, seed=None, remainder=remainder, metrics=self.eval_metrics)
+            logs, _, _ = self._run_epoch("eval", data, global_batch_size=global_batch_size, epoch=0, steps=steps,
+                                         seed=None, remainder=remainder, metrics=self.eval_metrics,
+                                         steps_per_execution=steps_per_execution)
         return logs
+
+
+def _check_steps_per_execution(value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"steps_per_execution={value!r} must be an int >= 1 (steps run in one compiled call)")

@@ -191,7 +191,7 @@ class Watchdog:
             self._stack.pop()
         self._started = self._started or started  # a step finished: the run is under way
 
-    def phase(self, kind: str, what: str, *, mark: int | None = None, first: bool = False
+    def phase(self, kind: str, what: str, *, mark: int | None = None, first: bool = False, count: int = 1
               ) -> contextlib.AbstractContextManager:
         """A timed phase (on the thread that armed the watchdog; other threads are not watched).
 
@@ -201,11 +201,12 @@ class Watchdog:
           mark: The value a ``step`` phase's call writes into the :class:`GradientMarker` (unique per call).
           first: The first call of a compiled step (traces it): :data:`FIRST_CALL_FACTOR` timeouts, as
             every phase before the first step has finished.
+          count: Steps the phase runs (``steps_per_execution``): it gets that many timeouts.
         """
         if self._thread is None or threading.get_ident() != self._owner:
             return _NULL
         now = time.monotonic()
-        limit = self.timeout * (FIRST_CALL_FACTOR if first or not self._started else 1)
+        limit = self.timeout * count * (FIRST_CALL_FACTOR if first or not self._started else 1)
         return self._entered(_Phase(kind, what, mark, now, now + limit), started=kind == "step")
 
     # -- watching --------------------------------------------------------------------------------

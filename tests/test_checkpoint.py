@@ -31,7 +31,7 @@ class SignalAt(dt.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def make(backend, directory=None, *, callbacks=(), **checkpointing):
+def make(backend, directory=None, *, callbacks=(), log_every_steps=None, **checkpointing):
     with backend.scope():
         keras.utils.set_random_seed(1)
         model = keras.Sequential([keras.Input(shape=(3,)), keras.layers.Dense(4, activation="tanh"),
@@ -52,7 +52,7 @@ def make(backend, directory=None, *, callbacks=(), **checkpointing):
     ckpt = dt.Checkpointing(directory, exit_on_preemption=False, **checkpointing) if directory else None
     trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=step, backend=backend, verbose=0,
                          metrics=[metric], callbacks=[controller, *callbacks], checkpointing=ckpt,
-                         log_every_steps=1 if callbacks else None)
+                         log_every_steps=log_every_steps or (1 if callbacks else None))
     return trainer, model
 
 
@@ -78,6 +78,22 @@ def test_preempted_in_process_resumes_bitwise_with_the_same_history(backend, tmp
     assert history["lr"] == expected["lr"] and len(set(expected["lr"])) > 1  # the threshold cuts fired
     for name in ("loss", "mean_prediction"):
         np.testing.assert_allclose(history[name], expected[name], rtol=1e-6)
+
+
+def test_several_steps_per_call_stop_at_a_call_boundary_and_resume_bitwise(backend, tmp_path):
+    """With steps_per_execution=4 the flag is checked once per call: the signal after step 4 stops the run
+    after the next call, which ends at the epoch's end (step 6 of 6), not after 4 more steps."""
+    reference, reference_model = make(backend)
+    expected = fit(reference, global_batch_size=8, steps_per_execution=4)
+    trainer, _ = make(backend, tmp_path, callbacks=[SignalAt(4)], log_every_steps=4)
+    with pytest.raises(SystemExit) as stopped:
+        fit(trainer, global_batch_size=8, steps_per_execution=4)
+    assert stopped.value.step == 6
+    resumed, model = make(backend, tmp_path)
+    history = fit(resumed, global_batch_size=8, steps_per_execution=4)
+    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(model.variables, reference_model.variables))
+    assert history["lr"] == expected["lr"]
+    np.testing.assert_allclose(history["loss"], expected["loss"], rtol=1e-6)
 
 
 @pytest.mark.parametrize("every_steps,final", [(None, 1), (4, 4)])  # (4: the last step's save, then the end's)

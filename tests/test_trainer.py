@@ -36,9 +36,13 @@ def test_steps_are_traced_once_across_epochs(backend):
                          backend=backend, verbose=0)
     history = trainer.fit(data, global_batch_size=16, epochs=4, shuffle_seed=1, validation_data=data)
     assert history["loss"][-1] < history["loss"][0]
-    traced = {key: [f.experimental_get_tracing_count() for f in fns] for key, fns in trainer._functions.items()}
+    traced = {key: [f.run.experimental_get_tracing_count(), f.run_many.experimental_get_tracing_count()]
+              for key, f in trainer._functions.items()}
     # evaluation pads (masked batches): its own compiled step, also traced once
     assert traced == {("train", 16, False, False): [1, 0], ("eval", 16, False, True): [1, 0]}, traced
+    history = trainer.fit(data, global_batch_size=16, epochs=2, steps_per_execution=3, validation_data=data)
+    traced = {key: f.run_many.experimental_get_tracing_count() for key, f in trainer._functions.items()}
+    assert traced == {("train", 16, False, False): 1, ("eval", 16, False, True): 1}, traced  # any count, one trace
 
 
 def test_return_values_become_the_history(backend):

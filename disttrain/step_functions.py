@@ -1,0 +1,141 @@
+"""The compiled steps: the user's step function on every replica, one or several steps per call.
+
+:func:`compile_steps` wraps ``step(ctx, batch)`` in ``tf.function`` s that run it on every local replica
+through the backend and sum the outputs over this process's replicas (no communication; the trainer
+reduces over processes once per epoch or log step):
+
+* ``run(iterator, control, mark)``: one step on the iterator's next input;
+* ``run_many(iterator, count, control, mark)``: ``count`` steps in one call (a ``tf.while_loop``; ``count``
+  is a tensor, so any count up to ``steps_per_execution`` reuses one trace), returning the sums of
+  the steps' outputs: what ``fit(steps_per_execution=K)`` runs;
+* ``run_batch(batch, control, mark)``: one step on a batch fetched (and agreed on) outside, for pipelines
+  of unknown length.
+
+``control`` (checkpointing's stop/save flags, see :mod:`disttrain.checkpoint`) is all-reduced (max)
+once per call beside the steps, and returned with the outputs; None leaves it out. ``mark`` (an int64
+tensor, or None) is the value the stall watchdog's in-graph marks take in this call (see
+:class:`disttrain.watchdog.GradientMarker`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import tensorflow as tf
+
+from disttrain import data as data_lib
+from disttrain.backends import Backend
+from disttrain.step_context import StepContext
+from disttrain.totals import EXAMPLES
+
+#: Step output: the share of steps a LossScaleOptimizer skipped for non-finite gradients.
+NONFINITE = "skipped_fraction"
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledSteps:
+    """The compiled functions of one step variant (see the module docs), and their step context."""
+
+    run: Callable
+    run_many: Callable
+    run_batch: Callable
+    ctx: StepContext
+
+
+def named_gradients(pairs: list) -> dict[str, tf.Tensor]:
+    """``{variable path: gradient}`` (a repeated variable gets a ``_<index>`` suffix)."""
+    grads: dict[str, tf.Tensor] = {}
+    for i, (variable, grad) in enumerate(pairs):
+        name = getattr(variable, "path", None) or variable.name
+        grads[name if name not in grads else f"{name}_{i}"] = tf.convert_to_tensor(grad)
+    return grads
+
+
+def micro_batches(batch: Any, count: int) -> list:
+    """``batch`` (a structure of tensors) split along the first axis into ``count`` equal parts."""
+    flat = tf.nest.flatten(batch)
+    parts = [tf.split(t, count) for t in flat]
+    return [tf.nest.pack_sequence_as(batch, [p[i] for p in parts]) for i in range(count)]
+
+
+def as_outputs(value: Any) -> dict[str, tf.Tensor]:
+    """What a step returned, as ``{name: float32 tensor}`` (a lone value is the ``loss``)."""
+    if value is None:
+        return {}
+    if isinstance(value, Mapping):
+        return {str(k): tf.cast(tf.convert_to_tensor(v), tf.float32) for k, v in value.items()}
+    return {"loss": tf.cast(tf.convert_to_tensor(value), tf.float32)}
+
+
+def compile_steps(*, step: Callable, backend: Backend, global_batch_size: int, gradients: bool = False,
+                  masked: bool = False, accumulation_steps: int = 1, marker: Any = None) -> CompiledSteps:
+    """Compiles ``step(ctx, batch)`` for every local replica.
+
+    Args:
+      step: The user's step function.
+      backend: The backend.
+      global_batch_size: Examples per step over all replicas (for ``ctx.average_loss``).
+      gradients: Also return ``{variable path: local gradient}`` (summed over the local replicas) of
+        what the step applied: ``(outputs, gradients)`` (one step per call only).
+      masked: The batches carry a padding mask: the outputs count the real examples under ``EXAMPLES``.
+      accumulation_steps: Split each replica's batch into this many micro-batches whose gradients are
+        summed and applied once (see ``StepContext.run_accumulated``).
+      marker: The stall watchdog's :class:`disttrain.watchdog.GradientMarker`, or None.
+    """
+    ctx = StepContext(backend=backend, global_batch_size=global_batch_size, marker=marker)
+
+    def one_step(batch):
+        outputs = as_outputs(step(ctx, batch))
+        if masked:
+            outputs[EXAMPLES] = tf.reduce_sum(tf.cast(data_lib.mask_of(batch), tf.float32))
+        return outputs
+
+    def outputs_of(batch):
+        if accumulation_steps == 1:
+            outputs = one_step(batch)
+        else:
+            # Global-batch-scaled outputs (ctx.average_loss) of the micro-batches add up to the batch's.
+            results = ctx.run_accumulated(one_step, micro_batches(batch, accumulation_steps))
+            outputs = {name: tf.add_n([r[name] for r in results]) for name in results[0]}
+        skipped = ctx.take_nonfinite()
+        if skipped is not None:  # summed over the replicas, each counts 1/num_replicas
+            outputs[NONFINITE] = skipped / ctx.num_replicas
+        return outputs
+
+    def replica_fn(batch, mark):
+        batch = ctx._begin_trace(mark, batch)
+        if not gradients:
+            return outputs_of(batch)
+        ctx._capture.pairs = captured = []  # replicas may trace in parallel threads
+        try:
+            outputs = outputs_of(batch)
+        finally:
+            ctx._capture.pairs = None
+        return outputs, named_gradients(captured)
+
+    def on_replicas(batch, mark):
+        return tf.nest.map_structure(backend.local_sum, backend.run(replica_fn, args=(batch, mark)))
+
+    def with_control(outputs, control):
+        if control is None:
+            return outputs
+        # The stop/save flags of every process, in one small all-reduce beside the step's own.
+        return outputs, backend.reduce_across_processes(control, "max")
+
+    @tf.function
+    def run(iterator, control=None, mark=None):
+        return with_control(on_replicas(next(iterator), mark), control)
+
+    @tf.function
+    def run_many(iterator, count, control=None, mark=None):
+        outputs = on_replicas(next(iterator), mark)
+        for _ in tf.range(count - 1):
+            outputs = tf.nest.map_structure(tf.add, outputs, on_replicas(next(iterator), mark))
+        return with_control(outputs, control)
+
+    @tf.function
+    def run_batch(batch, control=None, mark=None):
+        return with_control(on_replicas(batch, mark), control)
+
+    return CompiledSteps(run=run, run_many=run_many, run_batch=run_batch, ctx=ctx)
