@@ -25,12 +25,13 @@ from typing import Any, Callable, Mapping
 import tensorflow as tf
 
 from disttrain import data as data_lib
+from disttrain import nonfinite
 from disttrain.backends import Backend
 from disttrain.step_context import StepContext
 from disttrain.totals import EXAMPLES
 
-#: Step output: the share of steps a LossScaleOptimizer skipped for non-finite gradients.
-NONFINITE = "skipped_fraction"
+#: Step output: the share of steps whose update was skipped (see :mod:`disttrain.nonfinite`).
+NONFINITE = nonfinite.NONFINITE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +70,8 @@ def as_outputs(value: Any) -> dict[str, tf.Tensor]:
 
 
 def compile_steps(*, step: Callable, backend: Backend, global_batch_size: int, gradients: bool = False,
-                  masked: bool = False, accumulation_steps: int = 1, marker: Any = None) -> CompiledSteps:
+                  masked: bool = False, accumulation_steps: int = 1, marker: Any = None,
+                  on_nonfinite: str = "ignore") -> CompiledSteps:
     """Compiles ``step(ctx, batch)`` for every local replica.
 
     Args:
@@ -82,8 +84,12 @@ def compile_steps(*, step: Callable, backend: Backend, global_batch_size: int, g
       accumulation_steps: Split each replica's batch into this many micro-batches whose gradients are
         summed and applied once (see ``StepContext.run_accumulated``).
       marker: The stall watchdog's :class:`disttrain.watchdog.GradientMarker`, or None.
+      on_nonfinite: What ``ctx.apply_gradients`` does about non-finite values (see
+        :mod:`disttrain.nonfinite`); its flags come back under ``nonfinite.FLAGS``, and with ``skip`` a
+        skipped step's values are left out (zeros, counted under ``nonfinite.DROPPED``).
     """
-    ctx = StepContext(backend=backend, global_batch_size=global_batch_size, marker=marker)
+    ctx = StepContext(backend=backend, global_batch_size=global_batch_size, marker=marker,
+                      on_nonfinite=on_nonfinite)
 
     def one_step(batch):
         outputs = as_outputs(step(ctx, batch))
@@ -98,6 +104,13 @@ def compile_steps(*, step: Callable, backend: Backend, global_batch_size: int, g
             # Global-batch-scaled outputs (ctx.average_loss) of the micro-batches add up to the batch's.
             results = ctx.run_accumulated(one_step, micro_batches(batch, accumulation_steps))
             outputs = {name: tf.add_n([r[name] for r in results]) for name in results[0]}
+        flags = ctx.take_flags()
+        if flags is not None:  # identical on every replica; summed over this process's replicas
+            if on_nonfinite == "skip":  # a skipped step's (non-finite) values are left out of the means
+                dropped = flags[-1]
+                outputs = {k: tf.where(dropped > 0, tf.zeros_like(v), v) for k, v in outputs.items()}
+                outputs[nonfinite.DROPPED] = dropped / ctx.num_replicas
+            outputs[nonfinite.FLAGS] = flags / backend.local_replicas
         skipped = ctx.take_nonfinite()
         if skipped is not None:  # summed over the replicas, each counts 1/num_replicas
             outputs[NONFINITE] = skipped / ctx.num_replicas

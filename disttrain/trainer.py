@@ -16,6 +16,7 @@ from disttrain import data_checks
 from disttrain import drift as drift_lib
 from disttrain import epoch_agreement
 from disttrain import metrics as metrics_lib
+from disttrain import nonfinite
 from disttrain import step_functions, step_logs
 from disttrain import watchdog as watchdog_lib
 from disttrain.checkpoint import Checkpointing, CheckpointSession, Progress
@@ -65,6 +66,12 @@ class Trainer:
         passes to ``ctx.apply_gradients`` are summed, and reduced over the replicas and applied once per
         global batch: the same update as one step on the whole batch, with 1/K of the activations in
         memory. A step, the step count, the LR and every log stay per global batch.
+      on_nonfinite: A NaN or Inf in the loss given to ``ctx.average_loss`` or in the gradients given to
+        ``ctx.apply_gradients``, on any replica: ``"raise"`` (default) raises
+        :class:`disttrain.NonFiniteError` on every rank, naming the step and the rank(s), before the update
+        is applied; ``"skip"`` skips the update on every rank and counts it (``skipped_steps``);
+        ``"ignore"`` applies it. Decided on flags every replica sees (see ``disttrain.nonfinite``);
+        a ``LossScaleOptimizer`` keeps its own rule.
       step_timeout: Seconds a step, eager collective, callback or checkpoint save may take inside ``fit``
         and ``evaluate``; longer, and every rank prints where it is, dumps its Python stacks and exits with
         code 124 (see ``disttrain.watchdog``). None (default) reads ``DISTTRAIN_STEP_TIMEOUT``; unset or 0: off.
@@ -84,8 +91,11 @@ class Trainer:
                  eval_metrics: Iterable[keras.metrics.Metric | Callable] | None = None,
                  callbacks: Iterable[Callback] = (), verbose: int = 1, print_fn: Callable[[str], None] | None = None,
                  log_every_steps: int | None = None, checkpointing: Checkpointing | None = None,
-                 accumulation_steps: int = 1, step_timeout: float | None = None, drift_check_every_steps: int = 0):
+                 accumulation_steps: int = 1, on_nonfinite: str = "raise", step_timeout: float | None = None,
+                 drift_check_every_steps: int = 0):
         self.backend = backend or get_backend("auto")
+        self.on_nonfinite = nonfinite.check_policy(on_nonfinite)
+        self._nonfinite = nonfinite.Monitor(policy=on_nonfinite, backend=self.backend, print_fn=print_fn)
         self.step_timeout = watchdog_lib.timeout_from(step_timeout)
         self._marker = watchdog_lib.GradientMarker(backend=self.backend) if self.step_timeout else None
         self._watchdog: watchdog_lib.Watchdog | None = None
@@ -154,7 +164,8 @@ class Trainer:
             self._functions[key] = step_functions.compile_steps(
                 step=self._train_step if kind == "train" else self._eval_step, backend=self.backend,
                 global_batch_size=global_batch_size, gradients=gradients, masked=masked,
-                accumulation_steps=self.accumulation_steps if kind == "train" else 1, marker=self._marker)
+                accumulation_steps=self.accumulation_steps if kind == "train" else 1, marker=self._marker,
+                on_nonfinite=self.on_nonfinite if kind == "train" else "ignore")
         return self._functions[key]
 
     def reset_compiled_steps(self) -> None:
@@ -209,6 +220,8 @@ class Trainer:
             if session is not None:
                 result, control = result
             outputs, grads = result if wants_gradients else (result, None)
+            outputs = self._nonfinite.after_call(outputs, first_step=self.global_step + 1, count=count,
+                                                 where=f"epoch {epoch + 1}, step {done + ran + 1}/{self.epoch_steps}")
             totals.add(outputs)
             ran += count
             if kind == "train":
@@ -232,10 +245,13 @@ class Trainer:
         # input) and the metrics' states: every process reports the same numbers.
         reduced = totals.reduce(seconds=time.perf_counter() - start)
         # Values are global-batch-scaled (like ctx.average_loss): their sum over the epoch times the
-        # global batch, over the examples, is the mean per example; padded examples count for nothing.
-        examples = reduced.real if epoch_input.masked and reduced.real > 0 else steps * global_batch_size
-        logs = {n: v * global_batch_size / examples for n, v in reduced.sums.items()}
+        # global batch, over the examples, is the mean per example; padded examples and skipped steps
+        # (on_nonfinite="skip") count for nothing.
+        dropped, skips = nonfinite.pop_skips(reduced.sums, steps=steps)
+        examples = reduced.real if epoch_input.masked and reduced.real > 0 else (steps - dropped) * global_batch_size
+        logs = {n: v * global_batch_size / examples if examples else float("nan") for n, v in reduced.sums.items()}
         logs.update(reduced.metrics)
+        logs.update(skips)
         return logs, ran, reduced.seconds / backend.size
 
     def _call_length(self, steps_per_execution: int, *, remaining: int,

@@ -139,11 +139,28 @@ class Backend(abc.ABC):
         applies them (:meth:`apply_reduced_gradients`)."""
         self.apply_reduced_gradients(optimizer, self.reduce_gradients(grads), variables)
 
-    def apply_reduced_gradients(self, optimizer: Any, reduced: list, variables: list) -> None:
+    def apply_reduced_gradients(self, optimizer: Any, reduced: list, variables: list, *,
+                                apply: tf.Tensor | None = None) -> None:
         """In a replica context: applies gradients already summed over all replicas; the optimizer's own
-        sum over replicas is skipped."""
-        with gradients_lib.applying_reduced(optimizer):
-            optimizer.apply_gradients(zip(reduced, variables))
+        sum over replicas is skipped.
+
+        Args:
+          apply: A boolean scalar, identical on every replica (e.g. "the summed gradients are finite"):
+            when given, the update (weights, slots, ``iterations``) happens only where it is True.
+        """
+        def update():
+            with gradients_lib.applying_reduced(optimizer):
+                optimizer.apply_gradients(zip(reduced, variables))
+            return tf.constant(True)
+
+        if apply is None:
+            update()
+        else:  # no tf.distribute merge_call below (no strategy): a plain cond in the replica
+            tf.cond(apply, update, lambda: tf.constant(False))
+
+    def replica_id(self) -> Any:
+        """In a replica context: this replica's index in ``[0, num_replicas)`` over all processes."""
+        return tf.distribute.get_replica_context().replica_id_in_sync_group
 
     # -- collectives (eager, called by every process) -------------------------------------------
     @abc.abstractmethod

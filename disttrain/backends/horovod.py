@@ -136,6 +136,9 @@ class HorovodBackend(Backend):
     def local_values(self, per_replica: Any) -> tuple:
         return (per_replica,)
 
+    def replica_id(self) -> int:
+        return self.rank
+
     def _sum_gradients(self, tensors: list[tf.Tensor]) -> list[tf.Tensor]:
         narrow = [i for i, t in enumerate(tensors) if t.dtype == tf.bfloat16]
         if not narrow:
