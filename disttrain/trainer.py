@@ -257,7 +257,7 @@ class Trainer:
     def _call_length(self, steps_per_execution: int, *, remaining: int,
                      step_logger: step_logs.StepLogger | None, session: CheckpointSession | None) -> int:
         """Steps the next call runs: up to ``steps_per_execution``, ending exactly at the next step that
-        logs, checkpoints or ends the epoch (and just before a step that records gradients)."""
+        logs, checkpoints, checks for drift or ends the epoch (and just before a step that records gradients)."""
         step, count = self.global_step, min(steps_per_execution, remaining)
         if step_logger is not None:
             intervals = step_logger.intervals
@@ -271,6 +271,8 @@ class Trainer:
                 count = min([count] + [b - step for b in (first - 1, last) if b > step])
         if session is not None and session.config.every_steps:
             count = min(count, session.config.every_steps - step % session.config.every_steps)
+        if self._drift.every_steps:
+            count = min(count, self._drift.every_steps - step % self._drift.every_steps)
         return max(1, count)
 
     def _call(self, key: tuple, compiled: step_functions.CompiledSteps, fn: Callable, args: tuple, control: Any,

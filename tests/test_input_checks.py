@@ -56,6 +56,9 @@ def test_every_rank_fails_fast_with_the_same_explanation(backend, tmp_path_facto
     else:  # Mirrored: one process whose two device copies differ
         assert "this rank's 2 device copies: [" in drift, drift
     # changed after step 3, checked (every 2 steps) after step 4
+    print(f"{backend}: spec mismatch raised after {max(r.get('spec_mismatch', {}).get('seconds', 0) for r in ranks):.2f} s, "
+          f"drift {max(r['drift']['seconds_after_update'] for r in ranks):.2f} s after the update, "
+          f"int labels {max(r['int_labels']['seconds'] for r in ranks):.2f} s, empty {max(r['empty']['seconds'] for r in ranks):.2f} s")
     assert all(r["drift"]["seconds_after_update"] < 30 for r in ranks), [r["drift"] for r in ranks]
     assert first["empty"]["error"] == (
         "ValueError: the dataset is empty (0 examples); there is nothing to train or evaluate on: check the data "

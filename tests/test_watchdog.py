@@ -70,6 +70,7 @@ def test_a_stalled_rank_aborts_every_rank_saying_where_each_was(backend, where, 
         assert "Horovod 0.28.1 under Gloo (horovodrun --gloo) never prints it" in waiting
     if backend == "horovod-mpi":  # DISTTRAIN_STEP_TIMEOUT=15 set HOROVOD_STALL_CHECK_TIME_SECONDS=3
         assert re.search(r"Missing ranks:\s*\n\s*(\[\d+\]<stderr>:)?\s*1: \[", output), output[-4000:]
+    print(f"{backend} {where}: {seconds:.1f} s from the stall to the end of every process")
     assert seconds < TIMEOUT + 30, f"{backend}: {seconds:.1f} s from the stall to the end of every process"
 
 
