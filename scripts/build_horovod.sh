@@ -1,0 +1,1 @@
+../disttrain/scripts/build_horovod.sh
