@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from typing import Any, Callable
 
 import tensorflow as tf
 
 from disttrain.backends.base import Backend, InputContext
-
-SETUP_HINT = ("run scripts/setup.sh in the disttrain checkout to build and install it (`make demo` and "
-              "`make test` run it too)")
+from disttrain.backends.rendezvous import startup_timeout as _startup_timeout
+from disttrain.backends.rendezvous import under_mpi, wait_for_horovod_peers
+from disttrain.install import INSTALL_HINT as SETUP_HINT
 
 
 def import_horovod():
@@ -33,18 +35,30 @@ class HorovodBackend(Backend):
     The gradients of every step are summed with one grouped all-reduce, and the model and optimizer
     variables are broadcast from rank 0 before the first step (``sync_initial_state``).
 
+    Ranks started with Gloo first meet in the launcher's rendezvous server, so a rank that never comes is
+    named within ``startup_timeout`` seconds (and SIGTERM ends that wait). Started by plain ``python``
+    (no horovodrun, mpirun or ``disttrain launch``), it warns that it runs one process.
+
     Args:
       compression: ``none`` or ``fp16`` (halves the bytes on the wire, at fp16 precision).
+      startup_timeout: Seconds to wait for the other ranks (default DISTTRAIN_STARTUP_TIMEOUT or 300).
 
     Raises:
       ImportError: If Horovod is not installed; the message names the set-up command.
+      TimeoutError: If a rank does not reach the rendezvous in time.
     """
 
     name = "horovod"
 
-    def __init__(self, *, compression: str = "none"):
+    def __init__(self, *, compression: str = "none", startup_timeout: float | None = None):
         hvd = import_horovod()
         self._hvd = hvd
+        if "HOROVOD_RANK" not in os.environ and not under_mpi():
+            sys.stderr.write("disttrain: warning: the horovod backend was started without horovodrun, mpirun or "
+                             "`disttrain launch --backend horovod`, so it runs ONE process (rank 0 of 1); launch "
+                             "it with e.g. `horovodrun -np 2 python script.py`\n")
+            sys.stderr.flush()
+        wait_for_horovod_peers(timeout=_startup_timeout(startup_timeout))
         hvd.init()
         gpus = tf.config.list_physical_devices("GPU")
         if gpus:
