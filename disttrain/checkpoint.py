@@ -101,6 +101,8 @@ class Checkpointing:
       extra: More objects to save and restore, ``{name: trackable}`` (``tf.Variable``, ``tf.Module``,
         Keras objects), e.g. a replay buffer's counters.
       save_at_end: Save when ``fit`` finishes (a second run of the command then has nothing to do).
+      exit_on_preemption: After the preemption checkpoint, end the process at once with code 42
+        (see :mod:`disttrain.preemption` for why); False raises :class:`disttrain.Preempted` instead.
 
     Raises:
       ValueError: For a non-positive interval or ``keep``, or an ``extra`` name that is taken.
@@ -108,7 +110,8 @@ class Checkpointing:
 
     def __init__(self, directory: str | os.PathLike, *, every_steps: int | None = None,
                  every_seconds: float | None = None, keep: int = 3, signals: Iterable[int] = DEFAULT_SIGNALS,
-                 extra: Mapping[str, Any] | None = None, save_at_end: bool = True):
+                 extra: Mapping[str, Any] | None = None, save_at_end: bool = True,
+                 exit_on_preemption: bool = True):
         for name, value in (("every_steps", every_steps), ("every_seconds", every_seconds)):
             if value is not None and (isinstance(value, bool) or not value > 0):
                 raise ValueError(f"Checkpointing {name}={value!r} must be > 0 (or None for never)")
@@ -125,6 +128,7 @@ class Checkpointing:
         self.signals = tuple(signals)
         self.extra = extra
         self.save_at_end = save_at_end
+        self.exit_on_preemption = exit_on_preemption
 
     def __repr__(self) -> str:
         return (f"Checkpointing({self.directory!r}, every_steps={self.every_steps}, "

@@ -4,8 +4,15 @@ While :meth:`disttrain.Trainer.fit` runs with checkpointing, a :class:`SignalWat
 handlers of the preemption signals. The first signal only raises a local flag (and says so on stderr).
 Every training step carries the flags of all processes through one small all-reduce inside the
 compiled step, so all processes learn about it at the same step boundary, save one checkpoint
-together and exit with :data:`PREEMPTION_EXIT_CODE` by raising :class:`Preempted`. A second SIGINT
-interrupts at once (``KeyboardInterrupt``), as Python does by default.
+together, end the callbacks (``on_train_end``: summaries and logs are flushed) and exit with
+:data:`PREEMPTION_EXIT_CODE`. A second SIGINT interrupts at once (``KeyboardInterrupt``), as Python
+does by default.
+
+By default the exit is immediate (:func:`exit_now`, ``os._exit``): launchers give their workers only a
+few seconds between SIGTERM and SIGKILL (horovodrun 5 s, hard-coded), and a Python process that has
+loaded TensorFlow takes seconds to tear down its interpreter; the checkpoint is complete by then, so
+nothing is lost. ``Checkpointing(exit_on_preemption=False)`` raises :class:`Preempted` (a
+``SystemExit`` with the same code) instead, for programs that clean up after ``fit``.
 
 The exit code is the one of TensorFlow's ``PreemptionCheckpointHandler`` (42), so cluster tooling that
 knows it treats a disttrain worker the same way: "preempted after saving; run the same command to
@@ -14,6 +21,7 @@ resume".
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -42,6 +50,16 @@ class Preempted(SystemExit):
 
     def __str__(self) -> str:
         return f"preempted after global step {self.step}; checkpoint {self.checkpoint}"
+
+
+def exit_now(code: int = PREEMPTION_EXIT_CODE) -> None:
+    """Flushes stdout and stderr and ends the process at once with ``code`` (no interpreter teardown)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 class SignalWatcher:

@@ -15,6 +15,7 @@ from disttrain import data as data_lib
 from disttrain import metrics as metrics_lib
 from disttrain import step_logs
 from disttrain.checkpoint import Checkpointing, CheckpointSession, Progress
+from disttrain.preemption import Preempted, exit_now
 from disttrain.progress import ProgressBar
 from disttrain.backends import Backend, get_backend
 from disttrain.callbacks import Callback, current_learning_rate, dispatch
@@ -307,17 +308,24 @@ class Trainer:
             self.history = {k: list(v) for k, v in resume.history.items()}
         self._dispatch("on_train_begin")
         logs: dict[str, float] = {}
-        with session.watcher if session is not None else contextlib.nullcontext():
-            for epoch in range(first_epoch, initial_epoch + epochs):
-                logs = self._train_epoch(data, epoch=epoch, steps_per_epoch=steps_per_epoch,
-                                         shuffle_seed=shuffle_seed, remainder=remainder, step_logger=step_logger,
-                                         resume=resume if resume is not None and epoch == resume.epoch else None,
-                                         validation=(validation_data, validation_batch_size, validation_steps))
-                if self.stop_training:
-                    break
-            if session is not None:
-                self.epoch, self.epoch_step = self.epoch + 1, 0  # the position after the last epoch
-                session.save_at_end()
+        try:
+            with session.watcher if session is not None else contextlib.nullcontext():
+                for epoch in range(first_epoch, initial_epoch + epochs):
+                    logs = self._train_epoch(
+                        data, epoch=epoch, steps_per_epoch=steps_per_epoch, shuffle_seed=shuffle_seed,
+                        remainder=remainder, step_logger=step_logger,
+                        resume=resume if resume is not None and epoch == resume.epoch else None,
+                        validation=(validation_data, validation_batch_size, validation_steps))
+                    if self.stop_training:
+                        break
+                if session is not None:
+                    self.epoch, self.epoch_step = self.epoch + 1, 0  # the position after the last epoch
+                    session.save_at_end()
+        except Preempted:
+            self._dispatch("on_train_end", logs)  # summaries and logs are flushed
+            if session.config.exit_on_preemption:
+                exit_now()
+            raise
         self._dispatch("on_train_end", logs)
         return self.history
 

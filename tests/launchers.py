@@ -98,9 +98,10 @@ def _kill_tree(pid: int) -> None:
 
 
 def run(backend: str, script: Path | str, args: list[str] = (), *, np: int = 2, timeout: float = 180,
-        extra_env: dict | None = None, auto: bool = False, cpu_replicas: int | None = None
-        ) -> subprocess.CompletedProcess:
-    """Runs and returns the finished process; raises AssertionError on a non-zero exit or a timeout."""
+        extra_env: dict | None = None, auto: bool = False, cpu_replicas: int | None = None,
+        returncode: int | None = 0) -> subprocess.CompletedProcess:
+    """Runs and returns the finished process; raises AssertionError on a timeout or an exit status other
+    than ``returncode`` (None accepts any)."""
     cmd, env = command_for(backend, script, list(args), np=np, auto=auto, cpu_replicas=cpu_replicas)
     env.update(extra_env or {})
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -113,7 +114,7 @@ def run(backend: str, script: Path | str, args: list[str] = (), *, np: int = 2, 
         raise AssertionError(f"{backend}: {' '.join(cmd)} timed out after {timeout}s (a hang)\n"
                              f"--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-3000:]}") from None
     proc = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
-    if proc.returncode != 0:
-        raise AssertionError(f"{backend}: exit {proc.returncode}: {' '.join(cmd)}\n--- stdout\n"
+    if returncode is not None and proc.returncode != returncode:
+        raise AssertionError(f"{backend}: exit {proc.returncode} (expected {returncode}): {' '.join(cmd)}\n--- stdout\n"
                              f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
     return proc

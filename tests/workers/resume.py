@@ -1,25 +1,25 @@
-"""Trains a small model with LR rules under checkpointing; optionally preempts itself with a real SIGTERM.
+"""Trains a small model with LR rules under checkpointing, stops it with a real SIGTERM, or resumes it.
 
-    resume.py --out DIR --ckpt CKPT [--sigterm-rank R --sigterm-step K] [--reference]
-
-With --reference it first trains the same model WITHOUT stopping (no checkpoint) and saves its weights as
-reference_rank<r>.npz, then runs the checkpointed training in CKPT. --sigterm-rank/--sigterm-step make rank R
-send itself SIGTERM after global step K (a real signal, delivered between steps): every rank must stop after
-step K+1, save, and exit with code 42. Run again with the same CKPT to resume; the final weights are saved as
-final_rank<r>.npz, with info_rank<r>.json (steps, history, LR timeline, the backend).
+    resume.py --out DIR --stop CKPT --sigterm-rank R --sigterm-step K
+        trains the model WITHOUT checkpoints (the uninterrupted reference: reference_rank<r>.npz/.json), then
+        again with checkpoints in CKPT, and rank R sends itself SIGTERM after global step K (a real signal,
+        between steps): every rank must stop after step K+1, save, and exit with code 42.
+    resume.py --out DIR --resume NAME=CKPT [--resume NAME2=CKPT2 ...]
+        for each: a fresh model trained with Checkpointing(CKPT), i.e. resumed from CKPT's latest
+        checkpoint, possibly written by another backend; writes final_NAME_rank<r>.npz and info_NAME_rank<r>.json.
 """
 
 import json
 import os
 import signal
+import time
 
 import disttrain as dt
 import worker_args
 
 args, backend = worker_args.start(
-    (("--ckpt",), {"required": True}), (("--sigterm-rank",), {"type": int, "default": None}),
-    (("--sigterm-step",), {"type": int, "default": None}), (("--reference",), {"action": "store_true"}),
-    (("--every-steps",), {"type": int, "default": 3}))
+    (("--stop",), {"default": None}), (("--sigterm-rank",), {"type": int, "default": None}),
+    (("--sigterm-step",), {"type": int, "default": None}), (("--resume",), {"action": "append", "default": []}))
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -37,6 +37,8 @@ class SelfSignal(dt.Callback):
 
     def on_step_logs(self, trainer, step, logs):
         if backend.rank == args.sigterm_rank and step == args.sigterm_step:
+            with open(os.path.join(args.out, "signal_time"), "w") as f:
+                f.write(repr(time.time()))
             os.kill(os.getpid(), signal.SIGTERM)
 
 
@@ -57,9 +59,10 @@ def build():
         mae.update_state(target, prediction)
         return loss
 
-    # Rules that fire in the first epochs, before the stop: a loss-threshold cut and a plateau cut.
+    # Rules that fire in the first epochs, before the stop: a loss-threshold cut and a plateau cut. The
+    # scaling is by batch (the same on every world size, so a resume on other replicas keeps the LR).
     controller = dt.lr.LRController(policies=[
-        dt.lr.LinearScaling(replicas=True), dt.lr.Warmup(steps=4),
+        dt.lr.LinearScaling(reference_batch_size=16), dt.lr.Warmup(steps=4),
         dt.lr.LossThresholdCut(thresholds=[2.0, 0.5], factor=0.5),
         dt.lr.ReduceOnPlateau(monitor="loss", factor=0.5, patience=0, min_delta=10.0)])
     return model, optimizer, mae, train_step, controller
@@ -74,15 +77,21 @@ def train(checkpointing, callbacks=()):
     return model, optimizer, controller, history
 
 
-if args.reference:
-    model, *_ = train(None)
-    np.savez(os.path.join(args.out, f"reference_rank{backend.rank}.npz"), *[v.numpy() for v in model.variables])
+def save(name, model, optimizer, controller, history):
+    np.savez(os.path.join(args.out, f"{name}_rank{backend.rank}.npz"), *[v.numpy() for v in model.variables])
+    with open(os.path.join(args.out, f"{name}_rank{backend.rank}.json"), "w") as f:
+        json.dump({"backend": backend.name, "replicas": backend.num_replicas, "history": history,
+                   "steps": int(optimizer.iterations.numpy()), "lr": controller.learning_rate}, f)
 
-callbacks = [SelfSignal()] if args.sigterm_rank is not None else []
-model, optimizer, controller, history = train(dt.Checkpointing(args.ckpt, every_steps=args.every_steps, keep=2),
-                                              callbacks)
-np.savez(os.path.join(args.out, f"final_rank{backend.rank}.npz"), *[v.numpy() for v in model.variables])
-with open(os.path.join(args.out, f"info_rank{backend.rank}.json"), "w") as f:
-    json.dump({"backend": backend.name, "replicas": backend.num_replicas, "steps": int(optimizer.iterations.numpy()),
-               "history": history, "lr": controller.learning_rate,
-               "cuts": [int(r.multiplier.numpy() != 1.0) for r in controller.rules]}, f)
+
+def checkpointing(directory):
+    return dt.Checkpointing(directory, every_steps=3, keep=2)
+
+
+if args.stop:
+    save("reference", *train(None))
+    train(checkpointing(args.stop), [SelfSignal()])  # exits with code 42
+    raise AssertionError("the preempted run went on to the end")
+for item in args.resume:
+    name, directory = item.split("=", 1)
+    save(f"final_{name}", *train(checkpointing(directory)))
