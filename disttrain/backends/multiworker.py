@@ -80,7 +80,7 @@ class MultiWorkerBackend(StrategyBackend):
         if cpu_replicas not in (None, 1):
             raise ValueError(f"cpu_replicas={cpu_replicas} is not supported by the multiworker backend: "
                              "MultiWorkerMirroredStrategy uses one CPU device per worker; start more "
-                             "workers instead (disttrain launch --tf-config -n N)")
+                             "workers instead (disttrain launch -n N)")
         impl = {"auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
                 "ring": tf.distribute.experimental.CommunicationImplementation.RING,
                 "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL}[communication]
