@@ -158,3 +158,22 @@ def test_without_restarts_left_the_launcher_gives_up(tmp_path):
     assert code == 7, err
     assert err.count("worker 0 on localhost failed with exit code 7") == 2
     assert "giving up after 1 restart(s) (--max-restarts 1)" in err
+
+
+def test_host_lists_and_host_files_fill_slots_in_order(tmp_path):
+    from disttrain.launcher.hosts import Host, assign_slots, parse_hosts, read_hostfile
+
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# cluster\nnode1 slots=2\nnode2:2\n\nnode3\n")
+    assert read_hostfile(str(hostfile)) == [Host("node1", 2), Host("node2", 2), Host("node3", 1)]
+    assert parse_hosts("node1:2,node2:2,node3") == read_hostfile(str(hostfile))
+    slots = assign_slots(parse_hosts("a:2,b:2"), 3)
+    assert [(s.rank, s.host, s.local_rank, s.local_size, s.cross_rank, s.cross_size) for s in slots] == [
+        (0, "a", 0, 2, 0, 2), (1, "a", 1, 2, 0, 1), (2, "b", 0, 1, 1, 2)]  # as horovodrun assigns them
+    with pytest.raises(ValueError, match=r"5 workers do not fit on 4 slots \(a:2, b:2\); add hosts or slots, or use -n 4"):
+        assign_slots(parse_hosts("a:2,b:2"), 5)
+    hostfile.write_text("node1 slots=two\n")
+    with pytest.raises(ValueError, match=r"hosts:1: cannot read 'node1 slots=two'; write 'host slots=N' or 'host:N'"):
+        read_hostfile(str(hostfile))
+    with pytest.raises(ValueError, match="host 'a' appears twice"):
+        parse_hosts("a:1,a:2")

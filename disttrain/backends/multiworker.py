@@ -10,7 +10,7 @@ import threading
 import tensorflow as tf
 
 from disttrain.backends.rendezvous import startup_timeout as _startup_timeout
-from disttrain.backends.rendezvous import tf_config_from_mpi, under_mpi, wait_for_peers
+from disttrain.backends.rendezvous import tf_config_from_launcher, wait_for_peers
 from disttrain.backends.strategy import StrategyBackend
 
 
@@ -33,8 +33,8 @@ def _tasks(raw: str | None = None) -> tuple[int, list[str]]:
     raw = os.environ.get("TF_CONFIG") if raw is None else raw
     if not raw:
         raise ValueError("the multiworker backend needs TF_CONFIG; launch the workers with "
-                         "`disttrain launch -n N script.py`, under `mpirun -np N` (with mpi4py), or set "
-                         "TF_CONFIG yourself")
+                         "`disttrain launch -n N script.py`, under `mpirun -np N` (with mpi4py) or `srun`, or "
+                         "set TF_CONFIG yourself")
     try:
         config = json.loads(raw)
         cluster, task = config["cluster"], config["task"]
@@ -54,8 +54,9 @@ def _tasks(raw: str | None = None) -> tuple[int, list[str]]:
 class MultiWorkerBackend(StrategyBackend):
     """Synchronous data parallelism over the workers named in ``TF_CONFIG`` (collective all-reduce).
 
-    The cluster comes from TF_CONFIG; without it, under ``mpirun``/``srun`` the processes form it
-    themselves (free ports exchanged with mpi4py). Before TensorFlow starts, the workers meet on their
+    The cluster comes from TF_CONFIG; without it, under ``mpirun`` (or ``srun`` with PMI) the processes
+    form it themselves (free ports exchanged with mpi4py), and under plain ``srun`` from SLURM's
+    variables. Before TensorFlow starts, the workers meet on their
     ports: a worker that does not come within ``startup_timeout`` seconds is named in a TimeoutError, and
     SIGTERM ends the wait (see :mod:`disttrain.backends.rendezvous`).
 
@@ -74,8 +75,9 @@ class MultiWorkerBackend(StrategyBackend):
 
     def __init__(self, *, cpu_replicas: int | None = None, communication: str = "auto",
                  startup_timeout: float | None = None):
-        if not os.environ.get("TF_CONFIG") and under_mpi():
-            os.environ["TF_CONFIG"] = tf_config_from_mpi()
+        formed = tf_config_from_launcher()
+        if formed:  # the strategy's cluster resolver reads the variable
+            os.environ["TF_CONFIG"] = formed
         rank, size, local_rank = parse_tf_config()
         if cpu_replicas not in (None, 1):
             raise ValueError(f"cpu_replicas={cpu_replicas} is not supported by the multiworker backend: "

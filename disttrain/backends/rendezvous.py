@@ -193,6 +193,22 @@ def tf_config_from_mpi() -> str:
                        "task": {"type": "worker", "index": comm.Get_rank()}})
 
 
+def tf_config_from_launcher(environ=None) -> str | None:
+    """TF_CONFIG for a worker started by mpirun/srun without one: from mpi4py (MPI launchers) or, under
+    plain ``srun``, from SLURM's variables (ports ``DISTTRAIN_PORT`` + local task, default 12345); else None.
+    """
+    env = os.environ if environ is None else environ
+    if env.get("TF_CONFIG"):
+        return env["TF_CONFIG"]
+    if under_mpi(env):
+        return tf_config_from_mpi()
+    if "SLURM_PROCID" in env and "SLURM_STEP_NODELIST" in env:
+        from disttrain.launcher import slurm
+
+        return slurm.tf_config(port=int(env.get("DISTTRAIN_PORT", "12345")), env=env)
+    return None
+
+
 def wait_for_horovod_peers(*, timeout: float, environ=None) -> None:
     """Meets the other Horovod ranks in the launcher's Gloo rendezvous server before ``hvd.init()``.
 
@@ -204,8 +220,8 @@ def wait_for_horovod_peers(*, timeout: float, environ=None) -> None:
     """
     env = os.environ if environ is None else environ
     addr, port = env.get("HOROVOD_GLOO_RENDEZVOUS_ADDR"), env.get("HOROVOD_GLOO_RENDEZVOUS_PORT")
-    if not addr or not port or "HOROVOD_RANK" not in env:
-        return
+    if not addr or not port or "HOROVOD_RANK" not in env or env.get("HOROVOD_ELASTIC") == "1":
+        return  # no Gloo rendezvous server (mpirun), or elastic Horovod (ranks come and go by design)
     rank, size = int(env["HOROVOD_RANK"]), int(env.get("HOROVOD_SIZE", "1"))
     base = f"http://{addr}:{port}/disttrain-startup"
     host = env.get("HOROVOD_HOSTNAME", socket.gethostname())
