@@ -15,7 +15,9 @@ The data position is derived from (seed, epoch, step): each epoch's order depend
 the epoch, and a resumed epoch skips the steps already done. No iterator state is saved, which is why
 the same checkpoint resumes under any backend and any number of replicas: the global batch k is the
 same everywhere (element sharding; file sharding gives each process other files when their number
-changes). See docs/checkpoints.md.
+changes). Checkpoints are numbered by their save counter (``ckpt-1``, ``ckpt-2``, ...), never rewritten:
+TensorFlow renames a checkpoint into place, but rewriting an existing name would not be atomic. See
+docs/checkpoints.md.
 """
 
 from __future__ import annotations
@@ -159,7 +161,7 @@ class CheckpointSession:
             self._manager = tf.train.CheckpointManager(self.checkpoint, self._writer_dir,
                                                        max_to_keep=config.keep if is_chief else 1)
         self.watcher = SignalWatcher(signals=config.signals, rank=backend.rank)
-        self.last_saved_step: int | None = None
+        self._last_saved: tuple[int, int, int] | None = None  # (global step, epoch, epoch step)
         self._last_save_time = time.monotonic()
         self.restored = False
 
@@ -209,18 +211,22 @@ class CheckpointSession:
         self._progress.assign(progress.to_json())
         path = None
         if self._manager is not None:
-            path = self._manager.save(checkpoint_number=trainer.global_step)
+            path = self._manager.save()  # numbered by the checkpoint's save counter: never overwritten
             if self._writer_dir != self.config.directory:  # a worker's private copy: only its taking part mattered
                 shutil.rmtree(self._writer_dir, ignore_errors=True)
                 path = None
-        self.last_saved_step = trainer.global_step
+        self._last_saved = self._position()
         self._last_save_time = time.monotonic()
         return path
 
     def save_at_end(self) -> None:
-        """The final save of ``fit`` (skipped when the last step was just saved)."""
-        if self.config.save_at_end and self.last_saved_step != self.trainer.global_step:
+        """The final save of ``fit`` (skipped when this position is saved already)."""
+        if self.config.save_at_end and self._last_saved != self._position():
             self.save(carry=None)
+
+    def _position(self) -> tuple[int, int, int]:
+        trainer = self.trainer
+        return trainer.global_step, trainer.epoch, trainer.epoch_step
 
     # -- restoring -----------------------------------------------------------------------------
     def restore(self) -> Progress | None:
@@ -241,17 +247,17 @@ class CheckpointSession:
                              "that every process shares")
         if latest is None:
             return None
-        status = self.checkpoint.restore(latest)
         try:
+            status = self.checkpoint.restore(latest)
             status.assert_existing_objects_matched()
-        except AssertionError as err:
+        except (AssertionError, ValueError, tf.errors.OpError) as err:
             raise ValueError(f"checkpoint {latest!r} does not match this trainer's models, optimizers or "
                              f"callbacks ({str(err)[:400]}); resume with the same objects, or give "
                              "Checkpointing a new directory to start afresh") from None
         status.expect_partial()
         progress = Progress.from_json(self._progress.numpy().decode())
         self._check_same_run(progress, latest)
-        self.last_saved_step = progress.global_step
+        self._last_saved = (progress.global_step, progress.epoch, progress.epoch_step)
         self.restored = True
         if backend.is_chief:
             where = (f"epoch {progress.epoch + 1}, step {progress.epoch_step}" if progress.epoch_step
@@ -284,11 +290,11 @@ class CheckpointSession:
 
 
 def _checkpoint_number(path: str | None) -> int:
-    """The number of ``.../ckpt-<n>`` (-1 for None)."""
+    """The save counter of ``.../ckpt-<n>`` (-1 for None)."""
     if path is None:
         return -1
     try:
         return int(path.rsplit("-", 1)[1])
     except (IndexError, ValueError):
-        raise ValueError(f"unexpected checkpoint name {path!r}; disttrain's checkpoints are named ckpt-<step>"
+        raise ValueError(f"unexpected checkpoint name {path!r}; disttrain's checkpoints are named ckpt-<n>"
                          ) from None

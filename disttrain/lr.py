@@ -9,7 +9,9 @@ step counter and a few variables::
 * ``base``: the optimizer's own learning rate (float or ``LearningRateSchedule``), or the ``schedule``
   given to the controller (e.g. :class:`StepDecay`, ``keras.optimizers.schedules.CosineDecay``).
 * ``scale``: the product of the :class:`LinearScaling` policies (global batch / reference batch, or
-  the number of replicas), recomputed whenever training starts.
+  the number of replicas), recomputed whenever training starts. A run resumed from a checkpoint on
+  another number of replicas re-applies ``LinearScaling(replicas=True)`` for the new count and says
+  so on the chief; ``reference_batch_size`` scaling stays, since a resume keeps the global batch.
 * ``warmup``: a :class:`Warmup` ramp from ``base`` (Goyal et al. 2017) or a fraction of the target to
   the full scaled LR over the first ``steps`` steps.
 * ``rule.multiplier``: what each epoch-level :class:`Rule` (:class:`ReduceOnPlateau`,
@@ -479,6 +481,9 @@ class LRController(Callback, tf.Module):
         self.base_lr = _f64(0.0, "base_lr")  # used when the base is a float
         self.scale = _f64(1.0, "scale")
         self.warmup_start = _f64(1.0, "warmup_start")
+        # Replicas the scale was computed for (0: never installed); restored from a checkpoint it tells
+        # that a resumed run has another world size.
+        self.scaled_replicas = tf.Variable(0, dtype=tf.int64, trainable=False, name="scaled_replicas")
         self._installed: _Installed | None = None
         self._records = _Records()
 
@@ -536,7 +541,12 @@ class LRController(Callback, tf.Module):
         scale = 1.0
         for scaling in self._scalings:
             scale *= scaling.factor(num_replicas=replicas, global_batch_size=global_batch_size)
+        before, previous = float(self.scale.numpy()), int(self.scaled_replicas.numpy())
+        if previous and previous != replicas and self._scalings and backend.is_chief:
+            print(f"LRController {self.name!r}: the state was saved with {previous} replicas, this run has "
+                  f"{replicas}: LinearScaling is re-applied (scale {before:g} -> {scale:g})", flush=True)
         self.scale.assign(scale)
+        self.scaled_replicas.assign(replicas)
         if self._warmup is not None:
             self.warmup_start.assign(1.0 / scale if self._warmup.start is None else self._warmup.start)
 

@@ -304,7 +304,8 @@ class Trainer:
         resume = session.restore() if session is not None and not session.restored else None
         first_epoch = initial_epoch
         if resume is not None:
-            self.global_step, first_epoch = resume.global_step, resume.epoch
+            self.global_step, self.epoch, self.epoch_step = resume.global_step, resume.epoch, resume.epoch_step
+            first_epoch = resume.epoch
             self.history = {k: list(v) for k, v in resume.history.items()}
         self._dispatch("on_train_begin")
         logs: dict[str, float] = {}
@@ -316,10 +317,10 @@ class Trainer:
                         remainder=remainder, step_logger=step_logger,
                         resume=resume if resume is not None and epoch == resume.epoch else None,
                         validation=(validation_data, validation_batch_size, validation_steps))
+                    self.epoch, self.epoch_step = epoch + 1, 0  # the position after a finished epoch
                     if self.stop_training:
                         break
                 if session is not None:
-                    self.epoch, self.epoch_step = self.epoch + 1, 0  # the position after the last epoch
                     session.save_at_end()
         except Preempted:
             self._dispatch("on_train_end", logs)  # summaries and logs are flushed

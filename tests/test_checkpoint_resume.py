@@ -65,9 +65,10 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_next_step(backend, tmp_p
     seconds = end - float((out / "signal_time").read_text())
     assert seconds < 60, f"{seconds:.1f}s from the signal to the end of every process"
     files = sorted(p.name for p in (out / "ckpt").iterdir())
-    # every 3 steps and at the stop; keep=2; no temporary directory of a worker or of TF is left
-    assert files == ["checkpoint", "ckpt-12.data-00000-of-00001", "ckpt-12.index", "ckpt-14.data-00000-of-00001",
-                     "ckpt-14.index"], files
+    # at steps 3, 6, 9, 12 (ckpt-1..4) and at the stop (ckpt-5); keep=2; no temporary directory of a worker or
+    # of TF is left
+    assert files == ["checkpoint", "ckpt-4.data-00000-of-00001", "ckpt-4.index", "ckpt-5.data-00000-of-00001",
+                     "ckpt-5.index"], files
     reference = json.loads((out / "reference_rank0.json").read_text())
     lr = reference["history"]["lr"]
     # both rules changed the LR before the stop (in epoch 3): the threshold cut after epoch 1 (x0.5),
@@ -87,7 +88,7 @@ def test_same_command_resumes_bitwise_and_other_backends_resume_its_checkpoints(
     args = ["--out", str(out)] + [a for r in resumes for a in ("--resume", r)]
     proc = run(backend, SCRIPT, args, timeout=300)
     output = proc.stdout + proc.stderr
-    assert output.count("at epoch 3, step 4 (global step 14)") == len(resumes), output
+    assert output.count("ckpt-5 at epoch 3, step 4 (global step 14)") == len(resumes), output
     for rank in range(PROCESSES.get(backend, 2)):
         expected = weights(own / f"reference_rank{rank}.npz")
         got = weights(out / f"final_own_rank{rank}.npz")

@@ -1,4 +1,5 @@
-"""The README's usage snippet runs as written (single device and Mirrored on 2 logical CPUs)."""
+"""The README's snippets run as written (single device and Mirrored on 2 logical CPUs; the checkpoint
+snippet resumes when the same program runs again)."""
 
 import re
 
@@ -7,10 +8,13 @@ import pytest
 from launchers import ROOT, run
 
 
+def _snippets() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
 @pytest.fixture(scope="module")
 def snippet(tmp_path_factory):
-    text = (ROOT / "README.md").read_text()
-    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    code = _snippets()[0]
     path = tmp_path_factory.mktemp("readme") / "train.py"
     # argparse-free snippet: the launcher's --backend flag is consumed here, the rest is the README's code
     path.write_text("import sys\nsys.argv = sys.argv[:1]\n" + code +
@@ -22,3 +26,16 @@ def snippet(tmp_path_factory):
 def test_readme_snippet_runs(snippet, env, expected):
     proc = run("single", snippet, extra_env=env, timeout=120)
     assert f"README OK {expected}" in proc.stdout
+
+
+def test_readme_checkpoint_snippet_resumes_when_run_again(tmp_path):
+    usage, checkpoints = _snippets()[:2]
+    assert "dt.Checkpointing(" in checkpoints
+    path = tmp_path / "train.py"
+    path.write_text("import os, sys\nsys.argv = sys.argv[:1]\nos.chdir(os.path.dirname(__file__))\n" + usage +
+                    checkpoints + "\nprint('epochs', len(history['loss']), int(optimizer.iterations.numpy()))\n")
+    first = run("single", path, timeout=120)
+    assert "epochs 3 96" in first.stdout and "resuming" not in first.stderr
+    second = run("single", path, timeout=120)
+    assert "resuming from runs/ckpt/ckpt-1 at the start of epoch 4 (global step 96)" in second.stderr
+    assert "epochs 3 96" in second.stdout  # nothing left to run: the saved history comes back
