@@ -167,11 +167,11 @@ def test_host_lists_and_host_files_fill_slots_in_order(tmp_path):
     hostfile.write_text("# cluster\nnode1 slots=2\nnode2:2\n\nnode3\n")
     assert read_hostfile(str(hostfile)) == [Host("node1", 2), Host("node2", 2), Host("node3", 1)]
     assert parse_hosts("node1:2,node2:2,node3") == read_hostfile(str(hostfile))
-    slots = assign_slots(parse_hosts("a:2,b:2"), 3)
+    slots = assign_slots(parse_hosts("a:2,b:2"), num_workers=3)
     assert [(s.rank, s.host, s.local_rank, s.local_size, s.cross_rank, s.cross_size) for s in slots] == [
         (0, "a", 0, 2, 0, 2), (1, "a", 1, 2, 0, 1), (2, "b", 0, 1, 1, 2)]  # as horovodrun assigns them
     with pytest.raises(ValueError, match=r"5 workers do not fit on 4 slots \(a:2, b:2\); add hosts or slots, or use -n 4"):
-        assign_slots(parse_hosts("a:2,b:2"), 5)
+        assign_slots(parse_hosts("a:2,b:2"), num_workers=5)
     hostfile.write_text("node1 slots=two\n")
     with pytest.raises(ValueError, match=r"hosts:1: cannot read 'node1 slots=two'; write 'host slots=N' or 'host:N'"):
         read_hostfile(str(hostfile))

@@ -10,15 +10,17 @@ runs), :mod:`~disttrain.launcher.supervisor` (watching, signals, restarts), :mod
 
 from __future__ import annotations
 
+import os
 import shlex
 from typing import Sequence
 
 from disttrain.launcher.hosts import Host, assign_slots
-from disttrain.launcher.plans import Plan, horovod_plan, multiworker_plan
+from disttrain.launcher.plans import horovod_plan, multiworker_plan
 from disttrain.launcher.supervisor import PREEMPTED, Supervisor
 
 #: The remote shell used for hosts other than this one (as horovodrun's).
 DEFAULT_SSH = "ssh -o BatchMode=yes -o StrictHostKeyChecking=no"
+#: How the workers of each backend are started (see disttrain.launcher.plans).
 BACKENDS = ("multiworker", "horovod")
 
 
@@ -45,26 +47,22 @@ def launch(command: Sequence[str], *, backend: str = "multiworker", hosts: Seque
       ValueError: For an unknown backend, no command, or more workers than slots.
       ImportError: For ``horovod`` where Horovod is not installed.
     """
-    import os
-
     if backend not in BACKENDS:
         raise ValueError(f"unknown launch backend {backend!r}; use one of {', '.join(BACKENDS)}")
     if not command:
         raise ValueError("no command to launch; give the training script, e.g. `disttrain launch train.py`")
-    slots = assign_slots(hosts, num_workers)
+    slots = assign_slots(hosts, num_workers=num_workers)
     ssh_argv = shlex.split(ssh)
     base_env = dict(os.environ if env is None else env)
     if startup_timeout is not None:
         base_env["DISTTRAIN_STARTUP_TIMEOUT"] = f"{startup_timeout:g}"
 
-    def make_plan() -> Plan:
-        if backend == "horovod":
-            return horovod_plan(list(command), slots)
-        return multiworker_plan(list(command), slots, ssh=ssh_argv)
+    plans = {"multiworker": lambda: multiworker_plan(list(command), slots, ssh=ssh_argv),
+             "horovod": lambda: horovod_plan(list(command), slots)}
 
     supervisor = Supervisor(grace_period=grace_period, stop_timeout=stop_timeout, timeout=timeout, ssh=ssh_argv,
                             env=base_env)
-    return supervisor.run(make_plan, max_restarts=max_restarts)
+    return supervisor.run(plans[backend], max_restarts=max_restarts)
 
 
 __all__ = ["BACKENDS", "DEFAULT_SSH", "PREEMPTED", "Supervisor", "launch"]

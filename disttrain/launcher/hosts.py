@@ -82,7 +82,7 @@ def _unique(hosts: list[Host], where: str) -> list[Host]:
     return hosts
 
 
-def assign_slots(hosts: Sequence[Host], num_workers: int) -> list[Slot]:
+def assign_slots(hosts: Sequence[Host], *, num_workers: int) -> list[Slot]:
     """Fills the hosts in order (all slots of the first host, then the next), as horovodrun does.
 
     Raises:
