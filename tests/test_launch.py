@@ -153,7 +153,8 @@ def test_max_restarts_relaunches_every_worker_after_a_failure(backend, tmp_path)
 
 
 def test_without_restarts_left_the_launcher_gives_up(tmp_path):
-    proc = start(tmp_path, "-n", "2", "--max-restarts", "1", mode="fail", probe=["--rank-fails", "0", "--code", "7"])
+    proc = start(tmp_path, "-n", "2", "--max-restarts", "1", "--stop-timeout", "1", mode="fail",
+                 probe=["--rank-fails", "0", "--code", "7"])
     code, out, err = finish(proc, timeout=120)
     assert code == 7, err
     assert err.count("worker 0 on localhost failed with exit code 7") == 2

@@ -4,7 +4,8 @@
   from the last checkpoint and end with the weights of the run nobody interrupted (bitwise: CPU, same
   number of workers).
 * SIGTERM to the launcher mid-run: forwarded, every worker stops at the same step, saves and exits 42,
-  the launcher exits 42, and the same command resumes from that checkpoint.
+  and the launcher exits 42. (That the same command then resumes is tests/test_checkpoint_resume.py's,
+  whose multiworker runs use disttrain launch.)
 """
 
 import re
@@ -69,15 +70,11 @@ def _sigterm_midrun(out, after_step):
     return proc.returncode, output
 
 
-def test_sigterm_to_the_launcher_saves_on_every_worker_exits_42_and_the_same_command_resumes(tmp_path):
+def test_sigterm_to_the_launcher_saves_on_every_worker_and_exits_42(tmp_path):
     code, output = _sigterm_midrun(tmp_path, after_step=10)
     assert code == 42, output[-4000:]
     assert "disttrain launch: SIGTERM received: forwarded SIGTERM to 2 worker(s)" in output
     assert "SIGTERM on rank 0" in output and "SIGTERM on rank 1" in output, output[-4000:]
     saved = re.search(r"preempted after global step (\d+) .*saved (\S+); exiting with code 42", output)
-    assert saved, output[-4000:]
-    step, path = int(saved.group(1)), saved.group(2)
-    (tmp_path / "step").unlink()
-    code, output = _sigterm_midrun(tmp_path, after_step=step + 3)
-    assert f"resuming from {path} at " in output and f"(global step {step})" in output, output[-4000:]
-    assert code == 42 and "preempted after global step" in output, output[-4000:]
+    assert saved and (tmp_path / "ckpt" / "checkpoint").read_text().startswith(
+        f'model_checkpoint_path: "{saved.group(2).rsplit("/", 1)[1]}"'), output[-4000:]
