@@ -104,6 +104,7 @@ def test_signals_are_forwarded_and_preempted_workers_return_42(sig, tmp_path):
     assert all((tmp_path / f"signal{r}").read_text().startswith(sig.name) for r in range(2))
     assert (tmp_path / "saved0").exists() and (tmp_path / "saved1").exists()
     assert "[0] probe rank 0: " + sig.name + ", saving" in out
+    assert not any(alive(pid) for pid in pids(tmp_path, 2))
 
 
 def test_workers_that_outlast_the_grace_period_are_killed(tmp_path):
