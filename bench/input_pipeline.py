@@ -1,17 +1,19 @@
-"""Benchmark: does the sharded TFRecord input pipeline keep training fed?
+"""P5: does the sharded TFRecord input pipeline keep training fed?
 
     python bench/input_pipeline.py            # prints a Markdown section to stdout
 
 Launches itself under ``horovodrun -np 2 --gloo`` (2 local processes, 1 thread each) on TFRecord shards
-written with ``disttrain.data.write_shards``. In ONE run it measures, in interleaved repetitions (the
+written with ``disttrain.shards.write_shards``. In ONE run it measures, in interleaved repetitions (the
 order rotates every repetition) and reports medians of the global rate (examples/s over both ranks):
 
 * input only: one epoch of the sharded pipeline (file sharding, shuffle, batched parse), no training;
 * training on cached tensors: ``Trainer.fit`` on batches already in memory (no input work);
 * end to end: ``Trainer.fit`` on the sharded pipeline, as a user would run it.
 
-Goal: end-to-end / min(input only, cached training) >= 0.95, i.e. the input pipeline is (almost) free.
-Timings are never asserted in tests: this script only reports.
+Goal: end-to-end / best >= 0.95 (per repetition), where best = 1 / (1/input only + 1/cached training) is
+the most that is achievable when input and training share each rank's core (their times add up; with
+spare cores the best would be min(input only, cached training)). Run for the 64-wide MLP (little compute per
+example: input work matters most) and the 1024-wide one. Timings are never asserted in tests.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--examples", type=int, default=49152, help="examples in the shards")
     p.add_argument("--shards", type=int, default=8, help="TFRecord files")
     p.add_argument("--features", type=int, default=64)
-    p.add_argument("--hidden", type=int, default=1024, help="width of the MLP's two hidden layers")
+    p.add_argument("--hidden", type=int, nargs="+", default=[64, 1024], help="widths of the MLP's two hidden layers")
     p.add_argument("--global-batch", type=int, default=512)
     p.add_argument("--reps", type=int, default=5, help="interleaved repetitions of the three measurements")
     p.add_argument("--timeout", type=float, default=900)
@@ -56,14 +57,17 @@ def worker(args) -> None:
     import tensorflow as tf
 
     from disttrain import data as D
+    from disttrain import epoch_agreement
+    from disttrain.shards import list_shards
 
-    files = D.list_shards(args.data)
+    files = list_shards(args.data)
     source = D.from_files(files)
     gb = args.global_batch
     with backend.scope():
         keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input(shape=(args.features,)), keras.layers.Dense(args.hidden, activation="relu"),
-                                  keras.layers.Dense(args.hidden, activation="relu"), keras.layers.Dense(1)])
+        hidden = args.hidden[0]
+        model = keras.Sequential([keras.Input(shape=(args.features,)), keras.layers.Dense(hidden, activation="relu"),
+                                  keras.layers.Dense(hidden, activation="relu"), keras.layers.Dense(1)])
         optimizer = keras.optimizers.SGD(0.01)
 
     def train_step(ctx, batch):
@@ -74,7 +78,7 @@ def worker(args) -> None:
         return loss
 
     trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=train_step, backend=backend, verbose=0)
-    steps = D.epoch_input(backend, source, global_batch_size=gb, seed=0).steps
+    steps = epoch_agreement.epoch_input(backend, source, global_batch_size=gb, seed=0).steps
     context = backend.input_context(gb)
     cached = list(source.build(context, seed=0).take(8))
 
@@ -89,7 +93,7 @@ def worker(args) -> None:
         return backend.all_reduce(time.perf_counter() - start, "max")
 
     def input_only(epoch):
-        epoch_input = D.epoch_input(backend, source, global_batch_size=gb, seed=0, epoch=epoch)
+        epoch_input = epoch_agreement.epoch_input(backend, source, global_batch_size=gb, seed=0, epoch=epoch)
         for _ in range(epoch_input.steps):
             next(epoch_input.iterator)
 
@@ -123,61 +127,60 @@ def main(argv=None) -> int:
     import numpy as np
     import tensorflow as tf
 
-    from disttrain import data as D
+    from disttrain.shards import write_shards
 
     with tempfile.TemporaryDirectory() as tmp:
         rng = np.random.default_rng(0)
         x = rng.normal(size=(args.examples, args.features)).astype("float32")
         y = (x @ rng.normal(size=args.features)).astype("float32")
-        D.write_shards(tf.data.Dataset.from_tensor_slices((x, y)), tmp, num_shards=args.shards)
-        out = os.path.join(tmp, "result.json")
-        env = dict(os.environ, DISTTRAIN_THREADS="1", OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2",
-                   TF_ENABLE_ONEDNN_OPTS="0", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-        horovodrun = str(Path(sys.executable).parent / "horovodrun")
-        cmd = [horovodrun, "-np", str(args.np), "-H", f"localhost:{args.np}", "--gloo", sys.executable,
-               os.path.abspath(__file__), "--worker", "--data", tmp, "--out", out,
-               "--global-batch", str(args.global_batch), "--features", str(args.features), "--reps", str(args.reps),
-               "--hidden", str(args.hidden)]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
-        if proc.returncode != 0 or not os.path.exists(out):
-            sys.stderr.write(f"benchmark failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n"
-                             f"{proc.stderr[-5000:]}\n")
-            return 1
-        with open(out) as f:
-            result = json.load(f)
-    print(report(args, result, argv))
+        write_shards(tf.data.Dataset.from_tensor_slices((x, y)), tmp, num_shards=args.shards)
+        results = {}
+        for hidden in args.hidden:
+            out = os.path.join(tmp, f"result{hidden}.json")
+            env = dict(os.environ, DISTTRAIN_THREADS="1", OMP_NUM_THREADS="1", TF_CPP_MIN_LOG_LEVEL="2",
+                       TF_ENABLE_ONEDNN_OPTS="0",
+                       PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+            horovodrun = str(Path(sys.executable).parent / "horovodrun")
+            cmd = [horovodrun, "-np", str(args.np), "-H", f"localhost:{args.np}", "--gloo", sys.executable,
+                   os.path.abspath(__file__), "--worker", "--data", tmp, "--out", out,
+                   "--global-batch", str(args.global_batch), "--features", str(args.features), "--reps", str(args.reps),
+                   "--hidden", str(hidden)]
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+            if proc.returncode != 0 or not os.path.exists(out):
+                sys.stderr.write(f"benchmark failed (exit {proc.returncode}): {' '.join(cmd)}\n{proc.stdout[-3000:]}\n"
+                                 f"{proc.stderr[-5000:]}\n")
+                return 1
+            with open(out) as f:
+                results[hidden] = json.load(f)
+    print(report(args, results, argv))
     return 0
 
 
-def report(args, result: dict, argv) -> str:
-    rates = result["rates"]
-    med = {m: statistics.median(v) for m, v in rates.items()}
-    ratio = med["end_to_end"] / min(med["input"], med["cached"])
-    command = "python bench/input_pipeline.py" + ("" if not argv else " " + shlex.join(argv))
-    if argv is None and len(sys.argv) > 1:
-        command = "python bench/input_pipeline.py " + shlex.join(sys.argv[1:])
-    names = {"input": "input only (sharded TFRecord pipeline)", "cached": "training on cached tensors",
-             "end_to_end": "end to end (Trainer.fit on the pipeline)"}
+def report(args, results: dict, argv) -> str:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import _common
+
+    names = {"input": "input only", "cached": "training on cached tensors", "end_to_end": "end to end"}
+    rows = []
+    for hidden, result in results.items():
+        rates = result["rates"]
+        # input and training compete for the same core of each rank: at best their times add up
+        best = [1 / (1 / i + 1 / c) for i, c in zip(rates["input"], rates["cached"])]
+        med = {m: statistics.median(v) for m, v in rates.items()}
+        rows.append((f"P5 {args.features}-{hidden}-{hidden}-1", "examples/s, end to end / best sharing the cores: 1 / (1/input only + "
+                     f"1/training on cached batches), MLP {args.features}-{hidden}-{hidden}-1", _common.ratios(rates["end_to_end"], best),
+                     ">= 0.95", "; ".join(f"{names[m]} {med[m]:,.0f}" for m in MODES) + " examples/s (medians)"))
+    first = next(iter(results.values()))
     lines = [
-        "## Input pipeline: sharded TFRecord, Horovod gloo",
+        "## P5: input pipeline (sharded TFRecord, Horovod gloo) when input and training share the cores",
         "",
-        f"Command: `{command}`",
+        f"Command: `{_common.command('input_pipeline.py', argv)}`. {first['ranks']} ranks (1 thread each), "
+        f"{args.examples} examples in {args.shards} TFRecord shards written by `write_shards`, file sharding, "
+        f"shuffled, global batch {args.global_batch} ({first['steps']} steps an epoch); {args.reps} repetitions "
+        f"of the three measurements, order rotating. Load average: {_common.load()}.",
         "",
-        f"{result['ranks']} ranks (local processes, 1 thread each), {args.examples} examples in {args.shards} "
-        f"TFRecord shards written by `write_shards`, file sharding, shuffled, global batch {args.global_batch} "
-        f"({result['steps']} steps an epoch), MLP {args.features}-{args.hidden}-{args.hidden}-1, "
-        f"TensorFlow {result['tf']}. "
-        f"{args.reps} interleaved repetitions; global examples/s, median (all repetitions in brackets).",
-        "",
-        "| measurement | examples/s (median) | repetitions |",
-        "|---|---:|---|",
     ]
-    for mode in MODES:
-        lines.append(f"| {names[mode]} | {med[mode]:,.0f} | {', '.join(f'{v:,.0f}' for v in rates[mode])} |")
-    verdict = "meets" if ratio >= 0.95 else "misses"
-    lines += ["", f"**Ratio** end to end / min(input only, cached training) = **{ratio:.3f}** "
-                  f"({verdict} the goal of >= 0.95).", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _common.ratio_table(rows) + [""])
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ __version__ = "0.1.0"
 
 #: Public name -> module that defines it.
 _NAMES = {
-    "Backend": "disttrain.backends", "InputContext": "disttrain.backends", "detect": "disttrain.backends",
-    "get_backend": "disttrain.backends",
+    "Backend": "disttrain.backends", "GradientOptions": "disttrain.backends", "InputContext": "disttrain.backends",
+    "detect": "disttrain.backends", "get_backend": "disttrain.backends",
     "Callback": "disttrain.callbacks", "current_learning_rate": "disttrain.callbacks",
     "Checkpointing": "disttrain.checkpoint",
     "PREEMPTION_EXIT_CODE": "disttrain.preemption", "Preempted": "disttrain.preemption",
@@ -53,7 +53,7 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     from disttrain import data, lr, metrics, shards, summaries  # noqa: F401
-    from disttrain.backends import Backend, InputContext, detect, get_backend  # noqa: F401
+    from disttrain.backends import Backend, GradientOptions, InputContext, detect, get_backend  # noqa: F401
     from disttrain.callbacks import Callback, current_learning_rate  # noqa: F401
     from disttrain.checkpoint import Checkpointing  # noqa: F401
     from disttrain.preemption import PREEMPTION_EXIT_CODE, Preempted  # noqa: F401

@@ -17,8 +17,11 @@ costs exactly one collective.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Any, Iterable, Mapping
+import warnings
+import weakref
+from typing import Any, Callable, ContextManager, Iterable, Mapping
 
 import keras
 import numpy as np
@@ -27,6 +30,7 @@ import tensorflow as tf
 from disttrain.backends.base import Backend
 
 _SUMMED = ("sum", "mean")
+_FROM_FUNCTIONS: "weakref.WeakSet" = weakref.WeakSet()  # metrics made by from_function
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,9 +149,28 @@ def results_from_vector(backend: Backend, layout: StateLayout, summed: Any) -> d
     """``{metric name: float}`` computed with ``metric.stateless_result`` from the merged states.
 
     The metrics' own variables are left untouched. Non-scalar results are flattened by
-    :func:`result_items`.
+    :func:`result_items`. Warns like :func:`warn_never_updated`.
     """
+    warn_never_updated(backend, layout, summed)
     return flat_results(result_tensors(backend, layout, summed))
+
+
+def warn_never_updated(backend: Backend, layout: StateLayout, summed: Any) -> None:
+    """Warns (on the chief) about each :func:`from_function` metric whose merged count in ``summed``
+    (the all-reduced vector of :func:`pack_local_states`) is 0: no step updated it, and its 0 would
+    otherwise pass for a result."""
+    if not backend.is_chief:
+        return
+    summed = np.asarray(summed, np.float64).reshape(-1)
+    offset, seen = 0, {}
+    for slot in layout.slots:
+        index = seen[slot.metric] = seen.get(slot.metric, -1) + 1  # the slot's place among its metric's variables
+        value = summed[offset:offset + slot.size]
+        offset += slot.size
+        if slot.metric in _FROM_FUNCTIONS and "count" in slot.metric.variables[index].name and not value.any():
+            warnings.warn(f"metric {slot.metric.name!r} (a plain function) was never updated, so it reads 0: call "
+                          "its update_state(y_true, y_pred) in the step (it is in trainer.metrics or "
+                          "trainer.eval_metrics)", stacklevel=2)
 
 
 def flat_results(results: Mapping[str, Any]) -> dict[str, float]:
@@ -207,16 +230,53 @@ def reset(metrics: Iterable[keras.metrics.Metric]) -> None:
         metric.reset_state()
 
 
-def as_list(metrics: Mapping[str, keras.metrics.Metric] | Iterable[keras.metrics.Metric] | None
-            ) -> list[keras.metrics.Metric]:
-    """Normalises ``metrics`` (list or ``{name: metric}``) to a list of uniquely named metrics.
+def from_function(fn: Callable, *, name: str | None = None) -> keras.metrics.Metric:
+    """A plain metric function ``fn(y_true, y_pred)`` as a Keras mean metric (``MeanMetricWrapper``).
+
+    Create it inside ``backend.scope()`` and update it in the step with ``update_state(y_true, y_pred,
+    sample_weight=...)`` like any Keras metric: its state (a sum and a count) is merged exactly over
+    every replica and process. For exact means, let ``fn`` return one value per example (reduce over
+    the last axis only); a ``fn`` returning one number per batch is averaged over batches.
+
+    Args:
+      fn: The function.
+      name: The metric's name (default ``fn.__name__``).
 
     Raises:
-      ValueError: If two metrics share a name.
+      ValueError: If ``fn`` has no usable name (a lambda) and none is given.
+    """
+    name = name or getattr(fn, "__name__", None)
+    if not name or name == "<lambda>":
+        raise ValueError(f"the metric function {fn!r} needs a name: use a def, or pass "
+                         "disttrain.metrics.from_function(fn, name=...) instead")
+    metric = keras.metrics.MeanMetricWrapper(fn, name=name)
+    _FROM_FUNCTIONS.add(metric)
+    return metric
+
+
+def as_list(metrics: Mapping[str, Any] | Iterable[Any] | None, *,
+            scope: Callable[[], ContextManager] | None = None) -> list[keras.metrics.Metric]:
+    """Normalises ``metrics`` (list or ``{name: metric}``) to a list of uniquely named Keras metrics.
+
+    Plain functions ``fn(y_true, y_pred)`` become :func:`from_function` metrics, created inside
+    ``scope()`` (the backend's scope), in the same place of the list; a dict's key names them.
+
+    Raises:
+      ValueError: If two metrics share a name, or a lambda has no name.
+      TypeError: For an entry that is neither a Keras metric nor a function.
     """
     if metrics is None:
         return []
-    items = list(metrics.values()) if isinstance(metrics, Mapping) else list(metrics)
+    pairs = list(metrics.items()) if isinstance(metrics, Mapping) else [(None, m) for m in metrics]
+    items = []
+    for key, metric in pairs:
+        if not isinstance(metric, keras.metrics.Metric):
+            if not callable(metric):
+                raise TypeError(f"metrics must be keras.metrics.Metric objects or functions fn(y_true, y_pred), "
+                                f"got {metric!r}")
+            with scope() if scope is not None else contextlib.nullcontext():
+                metric = from_function(metric, name=key)
+        items.append(metric)
     names = [m.name for m in items]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

@@ -7,11 +7,14 @@ printed) or ``verbose=1`` (one line per epoch), and a :class:`JsonLinesLogger` f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import time
 from typing import IO, Any, Mapping
+
+import keras
 
 from disttrain.callbacks import Callback
 
@@ -30,23 +33,24 @@ def format_logs(logs: Mapping[str, float], *, skip: tuple = ()) -> str:
 
 
 class ProgressBar(Callback):
-    """A one-line progress bar on the chief, updated at every step-log (``Trainer(log_every_steps=N)``).
+    """A progress bar on the chief, updated at every step-log (``Trainer(log_every_steps=N)``).
 
-    On a terminal the line is redrawn in place; when the output is a file or pipe (batch jobs, logs)
-    each update is a plain line instead, so logs stay readable. Other processes print nothing.
-    ``Trainer(verbose=2)`` adds one.
+    On a terminal it is ``keras.utils.Progbar`` (the bar ``model.fit`` draws), redrawn in place with
+    the running global values, which it shows as they are (they are already means over the epoch).
+    When the output is a file or a pipe (batch jobs, logs), where a redrawn bar would leave control
+    characters, each update is one plain line instead: ``epoch 1/5 40/100 - loss 0.1234 - ...``.
+    Other processes print nothing. ``Trainer(verbose=2)`` adds one.
 
     Args:
       stream: Where to write (default ``sys.stdout`` at write time).
-      width: Characters of the bar itself.
-      dynamic: Redraw in place; default: when ``stream`` is a terminal.
+      dynamic: Draw the Keras bar in place; default: when ``stream`` is a terminal.
     """
 
-    def __init__(self, *, stream: IO[str] | None = None, width: int = 24, dynamic: bool | None = None):
-        self.stream, self.width, self.dynamic = stream, width, dynamic
+    def __init__(self, *, stream: IO[str] | None = None, dynamic: bool | None = None):
+        self.stream, self.dynamic = stream, dynamic
         self._start = 0.0
         self._epochs = 0
-        self._open_line = False
+        self._bar: keras.utils.Progbar | None = None
 
     def _out(self) -> IO[str]:
         return self.stream or sys.stdout
@@ -54,17 +58,24 @@ class ProgressBar(Callback):
     def _is_dynamic(self) -> bool:
         if self.dynamic is not None:
             return self.dynamic
-        out = self._out()
-        return bool(getattr(out, "isatty", lambda: False)())
+        return bool(getattr(self._out(), "isatty", lambda: False)())
 
-    def _write(self, text: str, *, final: bool) -> None:
+    def _show(self, trainer, done: int, logs: Mapping[str, float], *, final: bool) -> None:
         out = self._out()
-        if self._is_dynamic():
-            out.write("\r" + text + ("\n" if final else "\033[K"))
-            self._open_line = not final
-        else:
-            out.write(text + "\n")
-        out.flush()
+        if not self._is_dynamic():
+            total = trainer.epoch_steps or "?"  # None: a pipeline of unknown length
+            end = f" - {time.perf_counter() - self._start:.1f}s" if final else ""
+            out.write(f"epoch {trainer.epoch + 1}/{self._epochs} {done}/{total} - {format_logs(logs)}{end}\n")
+            out.flush()
+            return
+        if self._bar is None:
+            out.write(f"Epoch {trainer.epoch + 1}/{self._epochs}\n")
+            self._bar = keras.utils.Progbar(trainer.epoch_steps, interval=0, stateless_metrics=())
+        values = [(name, value) for name, value in logs.items() if name != "step_time"]
+        with contextlib.redirect_stdout(out):  # Progbar writes to sys.stdout
+            self._bar.update(done, values=values, finalize=final)
+        if final:
+            self._bar = None
 
     def on_train_begin(self, trainer) -> None:
         config = trainer.fit_config
@@ -72,11 +83,7 @@ class ProgressBar(Callback):
 
     def on_epoch_begin(self, trainer, epoch: int) -> None:
         self._start = time.perf_counter()
-
-    def _bar(self, done: int, total: int) -> str:
-        filled = int(self.width * done / total) if total else 0
-        arrow = ">" if 0 < filled < self.width else ""
-        return "[" + "=" * max(filled - len(arrow), 0) + arrow + "." * (self.width - filled) + "]"
+        self._bar = None
 
     def on_step_logs(self, trainer, step: int, logs: dict[str, float]) -> None:
         if not trainer.backend.is_chief:
@@ -84,16 +91,12 @@ class ProgressBar(Callback):
         done, total = trainer.epoch_step, trainer.epoch_steps
         if total is not None and done >= total:  # the epoch line follows at once
             return
-        where = f"{done}/{total} {self._bar(done, total)}" if total else f"{done}/?"  # None: unknown length
-        self._write(f"epoch {trainer.epoch + 1}/{self._epochs} {where} {format_logs(logs)}", final=False)
+        self._show(trainer, done, logs, final=False)
 
     def on_epoch_end(self, trainer, epoch: int, logs: dict[str, float]) -> None:
         if not trainer.backend.is_chief:
             return
-        total = trainer.epoch_steps
-        seconds = time.perf_counter() - self._start
-        self._write(f"epoch {epoch + 1}/{self._epochs} {total}/{total} {self._bar(total, total)} "
-                    f"{format_logs(logs)} - {seconds:.1f}s", final=True)
+        self._show(trainer, trainer.epoch_steps, logs, final=True)
 
 
 class JsonLinesLogger(Callback):

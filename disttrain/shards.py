@@ -6,7 +6,7 @@ spec and the number of records in every file. Readers use the manifest to decode
 (``tf.io.parse_example``, vectorised) and to know each file's length without reading it, so sharded
 pipelines know their number of steps up front.
 
-    files = dt.data.write_shards(dataset, "/data/train", num_shards=16)
+    files = dt.shards.write_shards(dataset, "/data/train", num_shards=16)
     trainer.fit(dt.data.from_files(files), global_batch_size=256)
 """
 

@@ -16,6 +16,10 @@ sums, window seconds, metric states) are summed over all processes once. Callbac
 
 Gradient histograms work the same way: at histogram steps the trainer runs a variant of the step that
 also returns the local gradients, and one all-reduce sums them into the global gradient.
+
+Profiling needs no agreement: a callback with ``profile_steps = (first, last)`` (``dt.TensorBoard``)
+has its ``start_profile(trainer)`` called just before global step ``first`` and ``stop_profile(trainer)``
+just after step ``last``; only the chief's callback records anything.
 """
 
 from __future__ import annotations
@@ -45,14 +49,17 @@ class Intervals:
     log_every_steps: int
     histogram_every_steps: int
     gradients: bool
+    profile_steps: tuple[int, int] | None = None  # this process's own request (not agreed: no collectives)
 
     @property
     def active(self) -> bool:
-        return bool(self.log_every_steps or self.histogram_every_steps)
+        return bool(self.log_every_steps or self.histogram_every_steps or self.profile_steps)
 
 
-def requested_intervals(*, log_every_steps: int | None, callbacks: list) -> tuple[int, int, bool]:
-    """What this process asks for: ``(log_every_steps, histogram_every_steps, wants_gradients)``.
+def requested_intervals(*, log_every_steps: int | None, callbacks: list
+                        ) -> tuple[int, int, bool, tuple[int, int] | None]:
+    """What this process asks for: ``(log_every_steps, histogram_every_steps, wants_gradients,
+    profile_steps)``, the last the span of every callback's ``profile_steps`` (or None).
 
     Args:
       log_every_steps: The trainer's argument; None picks :data:`DEFAULT_LOG_EVERY_STEPS` when a
@@ -62,6 +69,8 @@ def requested_intervals(*, log_every_steps: int | None, callbacks: list) -> tupl
     Raises:
       ValueError: For a negative interval.
     """
+    windows = [tuple(c.profile_steps) for c in callbacks if getattr(c, "profile_steps", None)]
+    profile = (min(w[0] for w in windows), max(w[1] for w in windows)) if windows else None
     if log_every_steps is None:
         consumers = any(type(c).on_step_logs is not Callback.on_step_logs for c in callbacks)
         log_every_steps = DEFAULT_LOG_EVERY_STEPS if consumers else 0
@@ -76,19 +85,19 @@ def requested_intervals(*, log_every_steps: int | None, callbacks: list) -> tupl
             gradients = gradients or bool(getattr(callback, "wants_gradients", False))
     if int(log_every_steps) < 0:
         raise ValueError(f"log_every_steps={log_every_steps} must be >= 0 (0 turns step logs off)")
-    return int(log_every_steps), histogram, gradients
+    return int(log_every_steps), histogram, gradients, profile
 
 
-def agree(backend, requested: tuple[int, int, bool]) -> Intervals:
+def agree(backend, requested: tuple[int, int, bool, tuple[int, int] | None]) -> Intervals:
     """Makes every process use the same intervals: the largest any process asked for (one all-reduce).
 
     A process whose callbacks ask for nothing (e.g. TensorBoard created on the chief only) still
     takes part in every logging all-reduce, so the collectives never deadlock.
     """
-    log_every, histogram, gradients = requested
+    log_every, histogram, gradients, profile = requested
     agreed = backend.all_reduce(np.array([log_every, histogram, int(gradients)], np.int64), "max")
     return Intervals(log_every_steps=int(agreed[0]), histogram_every_steps=int(agreed[1]),
-                     gradients=bool(agreed[2]) and int(agreed[1]) > 0)
+                     gradients=bool(agreed[2]) and int(agreed[1]) > 0, profile_steps=profile)
 
 
 class StepLogger:
@@ -110,8 +119,18 @@ class StepLogger:
         step after the ``done`` ones)."""
         self.trainer.epoch_steps = steps
         self.trainer.epoch_step = done
+        self._profile(next_step=self.trainer.global_step + 1)
         self._last = time.perf_counter()
         self._last_step = done
+
+    def _profile(self, *, next_step: int) -> None:
+        """Starts the callbacks' profiles that begin at ``next_step``, stops those that ended before it."""
+        for callback in self.trainer.callbacks:
+            window = getattr(callback, "profile_steps", None)
+            if window and next_step == window[0]:
+                callback.start_profile(self.trainer)
+            elif window and next_step == window[1] + 1:
+                callback.stop_profile(self.trainer)
 
     def wants_gradients(self, step: int) -> bool:
         """Whether global step ``step`` (1-based, the step about to run) must return its gradients."""
@@ -138,6 +157,8 @@ class StepLogger:
             if gradients:
                 global_grads = _all_reduce_structure(trainer.backend, gradients)
             trainer._dispatch("on_histograms", step, global_grads)
+        if self.intervals.profile_steps:
+            self._profile(next_step=step + 1)
 
     def _reduce(self, *, epoch_step: int, totals: EpochTotals) -> dict[str, float]:
         trainer, backend = self.trainer, self.trainer.backend

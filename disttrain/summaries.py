@@ -12,7 +12,9 @@ Tags (one run directory, one event file, written by the chief process only):
     evaluation — exactly the numbers in ``trainer.history``;
   * ``weights/<variable path>`` and ``gradients/<variable path>`` histograms every
     ``histogram_every_steps`` steps (gradients: the global gradient the optimizer applied);
-  * ``config``: the run configuration as a Markdown table (text summary, step 0).
+  * ``config``: the run configuration as a Markdown table (text summary, step 0);
+  * with ``profile_steps=(first, last)``: a TensorFlow profiler trace of those global train steps under
+    ``<logdir>/plugins/profile/`` (TensorBoard's Profile tab, from ``tensorboard-plugin-profile``).
 
 Non-chief processes create no writer, no directory and no file. Writer creation and flushing are
 local file operations; every collective the values need is done by the trainer on every process.
@@ -102,14 +104,25 @@ class TensorBoard(Callback):
       config: Extra run configuration (e.g. ``vars(args)``) added to ``trainer.run_config()`` in the
         ``config`` text summary.
       announce: Print the ``tensorboard --logdir`` command when training starts (chief, verbose > 0).
+      profile_steps: ``(first, last)``: record a TensorFlow profiler trace from just before global
+        train step ``first`` (1-based) to just after step ``last``, on the chief only (as Keras'
+        ``profile_batch``). Profile a few steps after the first, which includes tracing.
 
     Raises:
-      ValueError: For a negative interval or an unknown histogram kind.
+      ValueError: For a negative interval, an unknown histogram kind or a bad profile window.
     """
 
     def __init__(self, *, logdir: str, histogram_every_steps: int = 0,
                  histograms: Sequence[str] = HISTOGRAM_KINDS, config: Mapping[str, Any] | None = None,
-                 announce: bool = True):
+                 announce: bool = True, profile_steps: tuple[int, int] | None = None):
+        if profile_steps is not None:
+            first, last = (int(v) for v in profile_steps)
+            if not 1 <= first <= last:
+                raise ValueError(f"profile_steps={tuple(profile_steps)} must be (first, last) train steps with "
+                                 f"1 <= first <= last, e.g. (10, 20)")
+            profile_steps = (first, last)
+        self.profile_steps = profile_steps
+        self._profiling = False
         if histogram_every_steps < 0:
             raise ValueError(f"histogram_every_steps={histogram_every_steps} must be >= 0 (0 = no histograms)")
         unknown = sorted(set(histograms) - set(HISTOGRAM_KINDS))
@@ -173,7 +186,21 @@ class TensorBoard(Callback):
             arrays.update({f"gradients/{name}": np.asarray(value) for name, value in gradients.items()})
         self._write(step, [histogram_value(tag, array) for tag, array in arrays.items()])
 
+    # -- profiler (chief only; called by the step logger at the window's edges) ---------------------
+    def start_profile(self, trainer) -> None:
+        if not trainer.backend.is_chief or self._profiling:
+            return
+        os.makedirs(self.logdir, exist_ok=True)
+        tf.profiler.experimental.start(self.logdir)
+        self._profiling = True
+
+    def stop_profile(self, trainer) -> None:
+        if self._profiling:
+            self._profiling = False
+            tf.profiler.experimental.stop()  # writes <logdir>/plugins/profile/<time>/<host>.xplane.pb
+
     def on_train_end(self, trainer, logs: dict[str, float]) -> None:
+        self.stop_profile(trainer)  # training ended inside the window
         if self._writer is not None:
             self._writer.flush()
             self._writer.close()

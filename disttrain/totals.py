@@ -126,6 +126,7 @@ class EpochTotals:
         head = len(names)
         states = summed[head + 2:]
         metrics = metrics_lib.flat_results(self._results(states)) if self._layout.slots else {}
+        metrics_lib.warn_never_updated(self.backend, self._layout, values[head + 2:])
         return Reduced(sums={n: float(v) for n, v in zip(names, values[:head])}, seconds=float(values[head]),
                        real=float(values[head + 1]), metrics=metrics, states=values[head + 2:])
 

@@ -12,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from disttrain import data as data_lib
+from disttrain import epoch_agreement
 from disttrain import metrics as metrics_lib
 from disttrain import step_logs
 from disttrain.checkpoint import Checkpointing, CheckpointSession, Progress
@@ -33,6 +34,16 @@ def _named_gradients(pairs: list) -> dict[str, tf.Tensor]:
         name = getattr(variable, "path", None) or variable.name
         grads[name if name not in grads else f"{name}_{i}"] = tf.convert_to_tensor(grad)
     return grads
+
+
+NONFINITE = "skipped_fraction"  # step output: the share of steps a LossScaleOptimizer skipped (non-finite)
+
+
+def _micro_batches(batch: Any, count: int) -> list:
+    """``batch`` (a structure of tensors) split along the first axis into ``count`` equal parts."""
+    flat = tf.nest.flatten(batch)
+    parts = [tf.split(t, count) for t in flat]
+    return [tf.nest.pack_sequence_as(batch, [p[i] for p in parts]) for i in range(count)]
 
 
 def _as_outputs(value: Any) -> dict[str, tf.Tensor]:
@@ -61,8 +72,10 @@ class Trainer:
       train_step: ``fn(ctx, batch) -> loss | dict``.
       backend: The backend (default ``get_backend("auto")``).
       eval_step: ``fn(ctx, batch) -> loss | dict`` for validation (no gradients).
-      metrics: Keras metrics updated by ``train_step``; reset every epoch.
-      eval_metrics: Keras metrics updated by ``eval_step``; reported with a ``val_`` prefix.
+      metrics: Keras metrics updated by ``train_step``, reset every epoch; or plain functions
+        ``fn(y_true, y_pred)``, which become ``keras.metrics.MeanMetricWrapper`` s in ``self.metrics``
+        (same order) for the step to update (see ``disttrain.metrics.from_function``).
+      eval_metrics: Likewise for ``eval_step``; reported with a ``val_`` prefix.
       callbacks: :class:`Callback` objects.
       verbose: 0 quiet, 1 one line per epoch, 2 a progress bar (always on the chief only).
       log_every_steps: Every so many train steps, reduce the running loss, metrics, LR and throughput
@@ -71,23 +84,33 @@ class Trainer:
         processes agree on the largest value asked for.
       checkpointing: A :class:`disttrain.Checkpointing`: periodic checkpoints, exact resume when ``fit``
         starts, and a checkpoint-then-exit(42) on SIGTERM/SIGINT (see ``disttrain.checkpoint``).
+      accumulation_steps: Gradient accumulation: each replica's batch is split into this many
+        micro-batches, ``train_step`` runs on each (unrolled in one compiled step), the gradients it
+        passes to ``ctx.apply_gradients`` are summed, and reduced over the replicas and applied once per
+        global batch: the same update as one step on the whole batch, with 1/K of the activations in
+        memory. A step, the step count, the LR and every log stay per global batch.
 
     Raises:
-      ValueError: If the model has no variables yet, or model/optimizer were created outside the scope.
+      ValueError: If the model has no variables yet, model/optimizer were created outside the scope, or
+        ``accumulation_steps`` < 1.
     """
 
     def __init__(self, *, model: keras.Model | Sequence[keras.Model],
                  optimizer: keras.optimizers.Optimizer | Sequence[keras.optimizers.Optimizer], train_step: StepFn,
                  backend: Backend | None = None, eval_step: StepFn | None = None,
-                 metrics: Iterable[keras.metrics.Metric] | None = None,
-                 eval_metrics: Iterable[keras.metrics.Metric] | None = None,
+                 metrics: Iterable[keras.metrics.Metric | Callable] | None = None,
+                 eval_metrics: Iterable[keras.metrics.Metric | Callable] | None = None,
                  callbacks: Iterable[Callback] = (), verbose: int = 1, print_fn: Callable[[str], None] | None = None,
-                 log_every_steps: int | None = None, checkpointing: Checkpointing | None = None):
+                 log_every_steps: int | None = None, checkpointing: Checkpointing | None = None,
+                 accumulation_steps: int = 1):
         self.backend = backend or get_backend("auto")
+        if int(accumulation_steps) != accumulation_steps or accumulation_steps < 1:
+            raise ValueError(f"accumulation_steps={accumulation_steps!r} must be an integer >= 1 (1 = no accumulation)")
+        self.accumulation_steps = int(accumulation_steps)
         self.model = model
         self._train_step, self._eval_step = train_step, eval_step
-        self.metrics = metrics_lib.as_list(metrics)
-        self.eval_metrics = metrics_lib.as_list(eval_metrics)
+        self.metrics = metrics_lib.as_list(metrics, scope=self.backend.scope)  # functions: wrapped, in scope
+        self.eval_metrics = metrics_lib.as_list(eval_metrics, scope=self.backend.scope)
         self.callbacks = list(callbacks)
         self.verbose = verbose
         self._print = print_fn or functools.partial(print, flush=True)
@@ -141,10 +164,24 @@ class Trainer:
             ctx = StepContext(backend=self.backend, global_batch_size=global_batch_size)
             backend = self.backend
 
-            def outputs_of(batch):
+            def one_step(batch):
                 outputs = _as_outputs(step(ctx, batch))
                 if masked:
                     outputs[EXAMPLES] = tf.reduce_sum(tf.cast(data_lib.mask_of(batch), tf.float32))
+                return outputs
+
+            accumulate = self.accumulation_steps if kind == "train" else 1
+
+            def outputs_of(batch):
+                if accumulate == 1:
+                    outputs = one_step(batch)
+                else:
+                    # Global-batch-scaled outputs (ctx.average_loss) of the micro-batches add up to the batch's.
+                    results = ctx.run_accumulated(one_step, _micro_batches(batch, accumulate))
+                    outputs = {name: tf.add_n([r[name] for r in results]) for name in results[0]}
+                skipped = ctx.take_nonfinite()
+                if skipped is not None:  # summed over the replicas, each counts 1/num_replicas
+                    outputs[NONFINITE] = skipped / ctx.num_replicas
                 return outputs
 
             def replica_fn(batch):
@@ -190,8 +227,8 @@ class Trainer:
         session = self.checkpointing if kind == "train" else None
         done = resume.epoch_step if resume is not None else 0
         # Every process runs the same number of steps (agreed through the backend's all-reduce).
-        epoch_input = data_lib.epoch_input(backend, data, global_batch_size=global_batch_size, epoch=epoch,
-                                           seed=seed, steps=steps, remainder=remainder, skip_steps=done)
+        epoch_input = epoch_agreement.epoch_input(backend, data, global_batch_size=global_batch_size, epoch=epoch,
+                                                  seed=seed, steps=steps, remainder=remainder, skip_steps=done)
         totals = EpochTotals(backend=backend, metrics=metrics, carry=resume.carry if resume is not None else None)
         if kind == "train":
             self.epoch_step = done
@@ -287,6 +324,11 @@ class Trainer:
             checkpoint is saved on every process.
         """
         self.backend.input_context(global_batch_size)  # validates the batch before anything runs
+        per_replica, k = global_batch_size // self.backend.num_replicas, self.accumulation_steps
+        if per_replica % k:
+            raise ValueError(f"global batch {global_batch_size} gives {per_replica} examples a replica, which do not "
+                             f"split into accumulation_steps={k} micro-batches; use a multiple of "
+                             f"{self.backend.num_replicas * k}")
         data_lib.check_data(data, model=self.model)
         if validation_data is not None and self._eval_step is None:
             raise ValueError("validation_data needs an eval_step; pass eval_step=fn(ctx, batch) to Trainer")
@@ -296,8 +338,8 @@ class Trainer:
         intervals = step_logs.agree(self.backend, step_logs.requested_intervals(
             log_every_steps=self.log_every_steps, callbacks=self.callbacks))
         step_logger = step_logs.StepLogger(trainer=self, intervals=intervals) if intervals.active else None
-        self.fit_config = {"global_batch_size": global_batch_size, "epochs": epochs,
-                           "steps_per_epoch": steps_per_epoch, "initial_epoch": initial_epoch,
+        self.fit_config = {"global_batch_size": global_batch_size, "accumulation_steps": self.accumulation_steps,
+                           "epochs": epochs, "steps_per_epoch": steps_per_epoch, "initial_epoch": initial_epoch,
                            "shuffle_seed": shuffle_seed, "log_every_steps": intervals.log_every_steps,
                            "histogram_every_steps": intervals.histogram_every_steps}
         session = self.checkpointing

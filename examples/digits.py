@@ -14,14 +14,11 @@ import os
 import sys
 
 import disttrain as dt
+import example_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="disttrain demo: digits classifier")
-    parser.add_argument("--backend", default="auto", choices=["auto", "single", "mirrored", "multiworker", "horovod"])
-    parser.add_argument("--cpu-replicas", type=int, default=None, help="logical CPU devices (mirrored)")
-    parser.add_argument("--epochs", type=int, default=15)
-    parser.add_argument("--global-batch", type=int, default=64)
+    parser = example_args.parser("disttrain demo: digits classifier", epochs=15)
     parser.add_argument("--learning-rate", type=float, default=0.005)
     parser.add_argument("--logdir", default="runs", help="TensorBoard logs go to LOGDIR/digits-<backend>")
     parser.add_argument("--progress", action="store_true", help="a progress bar instead of one line per epoch")
@@ -47,7 +44,7 @@ def load_digits(validation: int = 360):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    backend = dt.get_backend(args.backend, cpu_replicas=args.cpu_replicas)
+    backend = example_args.backend_of(args)
     import keras
     import tensorflow as tf
 
@@ -98,6 +95,7 @@ def main(argv=None) -> int:
         verdict = "ok" if final >= args.min_accuracy else f"BELOW the required {args.min_accuracy:.0%}"
         print(f"final validation accuracy {final:.2%} ({verdict})", flush=True)
         print(f"view the curves: {tensorboard.command}", flush=True)
+    example_args.write_record(args, backend, {"history": history})
     return 0 if final >= args.min_accuracy else 1
 
 

@@ -10,19 +10,14 @@ Runs unchanged on every backend:
 from __future__ import annotations
 
 import argparse
-import json
 
 import disttrain as dt
+import example_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="auto", choices=["auto", "single", "mirrored", "multiworker", "horovod"])
-    parser.add_argument("--cpu-replicas", type=int, default=None, help="logical CPU devices (mirrored)")
-    parser.add_argument("--epochs", type=int, default=10)
-    parser.add_argument("--global-batch", type=int, default=64)
+    parser = example_args.parser(__doc__.splitlines()[0], epochs=10)
     parser.add_argument("--examples", type=int, default=2048)
-    parser.add_argument("--history-json", default=None, help="write the history here (rank 0)")
     return parser.parse_args(argv)
 
 
@@ -37,9 +32,13 @@ def make_data(examples: int, seed: int = 0):
     return tf.data.Dataset.from_tensor_slices((x, y))
 
 
-def run(args: argparse.Namespace, *, metrics_fn=None, callbacks_fn=None) -> dict:
-    """Builds the model inside the backend's scope and trains it; returns the history."""
-    backend = dt.get_backend(args.backend, cpu_replicas=args.cpu_replicas)
+def run(args: argparse.Namespace, *, metrics=(), callbacks_fn=None) -> dict:
+    """Builds the model inside the backend's scope and trains it; returns the history.
+
+    ``metrics`` are Keras metrics or plain functions ``fn(y_true, y_pred)``; the trainer wraps the
+    functions as Keras mean metrics (in ``trainer.metrics``), which the step updates.
+    """
+    backend = example_args.backend_of(args)
     import keras
     import tensorflow as tf
 
@@ -47,7 +46,6 @@ def run(args: argparse.Namespace, *, metrics_fn=None, callbacks_fn=None) -> dict
         keras.utils.set_random_seed(0)
         model = keras.Sequential([keras.Input(shape=(1,)), keras.layers.Dense(1)])
         optimizer = keras.optimizers.SGD(learning_rate=0.01)
-        metrics = metrics_fn() if metrics_fn else []
 
     def train_step(ctx, batch):
         x, y = batch
@@ -56,7 +54,7 @@ def run(args: argparse.Namespace, *, metrics_fn=None, callbacks_fn=None) -> dict
             loss = ctx.average_loss(tf.reduce_mean(tf.square(y - prediction), axis=-1))
         gradients = tape.gradient(loss, model.trainable_variables)
         ctx.apply_gradients(optimizer, gradients, model.trainable_variables)
-        for metric in metrics:
+        for metric in trainer.metrics:  # exact over replicas: their states are merged, not their values
             metric.update_state(y, prediction)
         return loss
 
@@ -67,10 +65,8 @@ def run(args: argparse.Namespace, *, metrics_fn=None, callbacks_fn=None) -> dict
     kernel, bias = (float(v.numpy().ravel()[0]) for v in model.trainable_variables)
     if backend.is_chief:
         print(f"learned y = {kernel:.3f} x + {bias:.3f} on {backend.describe()}", flush=True)
-        if args.history_json:
-            with open(args.history_json, "w") as f:
-                json.dump({"history": history, "kernel": kernel, "bias": bias, "backend": backend.name,
-                           "replicas": backend.num_replicas}, f)
+    example_args.write_record(args, backend, {"history": history, "kernel": kernel, "bias": bias,
+                                              "backend": backend.name, "replicas": backend.num_replicas})
     return history
 
 

@@ -1,6 +1,6 @@
 """Sharded TFRecord input: train a classifier on scikit-learn's 8x8 digits read from shard files.
 
-Writes the digits into TFRecord shards (``disttrain.data.write_shards``), trains with file sharding
+Writes the digits into TFRecord shards (``disttrain.shards.write_shards``), trains with file sharding
 (each rank reads its own files) and evaluates exactly with pad-and-mask. Runs unchanged on every backend:
     python examples/sharded_digits.py --backend single
     python examples/sharded_digits.py --backend mirrored --cpu-replicas 2
@@ -11,22 +11,17 @@ Writes the digits into TFRecord shards (``disttrain.data.write_shards``), trains
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 
 import disttrain as dt
+import example_args
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="auto", choices=["auto", "single", "mirrored", "multiworker", "horovod"])
-    parser.add_argument("--cpu-replicas", type=int, default=None, help="logical CPU devices (mirrored)")
-    parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--global-batch", type=int, default=64)
+    parser = example_args.parser(__doc__.splitlines()[0], epochs=5)
     parser.add_argument("--shards", type=int, default=8, help="TFRecord files per split")
     parser.add_argument("--data-dir", default=None, help="where to write the shards (default: a temp dir)")
-    parser.add_argument("--history-json", default=None, help="write the history here (rank 0)")
     return parser.parse_args(argv)
 
 
@@ -36,8 +31,6 @@ def write_digits(directory: str, shards: int, backend) -> tuple[list[str], list[
     import tensorflow as tf
     from sklearn.datasets import load_digits
 
-    from disttrain import data
-
     train_dir, test_dir = os.path.join(directory, "train"), os.path.join(directory, "test")
     if backend.is_chief:
         digits = load_digits()
@@ -46,14 +39,14 @@ def write_digits(directory: str, shards: int, backend) -> tuple[list[str], list[
         order = np.random.default_rng(0).permutation(len(x))
         x, y = x[order], y[order]
         split = 1500  # 297 test examples: not a multiple of the batch, so evaluation pads
-        data.write_shards(tf.data.Dataset.from_tensor_slices((x[:split], y[:split])), train_dir, num_shards=shards)
-        data.write_shards(tf.data.Dataset.from_tensor_slices((x[split:], y[split:])), test_dir, num_shards=shards)
+        dt.shards.write_shards(tf.data.Dataset.from_tensor_slices((x[:split], y[:split])), train_dir, num_shards=shards)
+        dt.shards.write_shards(tf.data.Dataset.from_tensor_slices((x[split:], y[split:])), test_dir, num_shards=shards)
     backend.barrier()
-    return data.list_shards(train_dir), data.list_shards(test_dir)
+    return dt.shards.list_shards(train_dir), dt.shards.list_shards(test_dir)
 
 
 def run(args: argparse.Namespace) -> dict:
-    backend = dt.get_backend(args.backend, cpu_replicas=args.cpu_replicas)
+    backend = example_args.backend_of(args)
     import keras
     import tensorflow as tf
 
@@ -89,9 +82,7 @@ def run(args: argparse.Namespace) -> dict:
                          eval_metrics=[accuracy, val_loss], backend=backend)
     history = trainer.fit(data.from_files(train_files), global_batch_size=args.global_batch, epochs=args.epochs,
                           shuffle_seed=0, validation_data=data.from_files(test_files))
-    if args.history_json and backend.is_chief:
-        with open(args.history_json, "w") as f:
-            json.dump(history, f)
+    example_args.write_record(args, backend, history)
     return history
 
 

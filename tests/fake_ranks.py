@@ -50,10 +50,7 @@ class ThreadRankBackend(Backend):
     def local_values(self, per_replica):
         return (per_replica,)
 
-    def reduce_gradients(self, grads):
-        raise NotImplementedError
-
-    def apply_gradients(self, optimizer, grads, variables):
+    def _sum_gradients(self, tensors):
         raise NotImplementedError
 
     def distribute_dataset(self, dataset_fn, *, global_batch_size):

@@ -15,6 +15,8 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from disttrain import data as D  # noqa: E402
+from disttrain import pipelines as P  # noqa: E402
+from disttrain import shards as S  # noqa: E402
 from disttrain.backends.base import InputContext  # noqa: E402
 
 
@@ -55,7 +57,7 @@ def consumed(source, pipelines, local, global_batch, *, seed=1, epoch=0, remaind
 @pytest.fixture(scope="module")
 def shard_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("shards")
-    files = D.write_shards(examples(45), directory, num_shards=4)
+    files = S.write_shards(examples(45), directory, num_shards=4)
     return directory, files
 
 
@@ -63,10 +65,10 @@ def shard_dir(tmp_path_factory):
 def test_write_shards_round_robin_and_read_back(shard_dir):
     directory, files = shard_dir
     assert [os.path.basename(f) for f in files] == [f"shard-0000{i}-of-00004.tfrecord" for i in range(4)]
-    spec, counts = D.shard_info(files)
+    spec, counts = S.shard_info(files)
     assert counts == [12, 11, 11, 11]
     assert spec["x"].shape == (3,) and spec["id"].dtype == tf.int64
-    back = list(D.read_shards(directory).as_numpy_iterator())
+    back = list(S.read_shards(directory).as_numpy_iterator())
     original = list(examples(45).as_numpy_iterator())
     assert [e["id"] for e in back] == list(range(45))  # interleaving the shards restores the order
     np.testing.assert_array_equal(np.stack([e["x"] for e in back]), np.stack([e["x"] for e in original]))
@@ -77,8 +79,8 @@ def test_write_shards_round_robin_and_read_back(shard_dir):
 def test_write_shards_keeps_tuples_and_dtypes(tmp_path):
     ds = tf.data.Dataset.from_tensor_slices((np.ones((5, 2), "float64"), np.arange(5, dtype="int32"),
                                              np.array([b"a", b"b", b"c", b"d", b"e"])))
-    D.write_shards(ds, tmp_path, num_shards=2)
-    back = D.read_shards(tmp_path)
+    S.write_shards(ds, tmp_path, num_shards=2)
+    back = S.read_shards(tmp_path)
     assert isinstance(back.element_spec, tuple)
     assert [s.dtype for s in back.element_spec] == [tf.float64, tf.int32, tf.string]
     assert sorted(int(e[1]) for e in back.as_numpy_iterator()) == list(range(5))
@@ -87,11 +89,11 @@ def test_write_shards_keeps_tuples_and_dtypes(tmp_path):
 def test_write_shards_rejects_variable_shapes_and_infinite(tmp_path):
     ragged = tf.data.Dataset.range(3).map(lambda i: tf.range(i))
     with pytest.raises(ValueError, match="fixed shapes"):
-        D.write_shards(ragged, tmp_path, num_shards=2)
+        S.write_shards(ragged, tmp_path, num_shards=2)
     with pytest.raises(ValueError, match="infinite"):
-        D.write_shards(tf.data.Dataset.range(3).repeat(), tmp_path, num_shards=2)
+        S.write_shards(tf.data.Dataset.range(3).repeat(), tmp_path, num_shards=2)
     with pytest.raises(ValueError, match="num_shards=0"):
-        D.write_shards(tf.data.Dataset.range(3), tmp_path, num_shards=0)
+        S.write_shards(tf.data.Dataset.range(3), tmp_path, num_shards=0)
 
 
 # -- element sharding: the union of the replicas' batches is the single-device batch ---------------
@@ -99,8 +101,8 @@ def test_write_shards_rejects_variable_shapes_and_infinite(tmp_path):
 @pytest.mark.parametrize("remainder", ["drop", "pad"])
 def test_element_sharding_matches_single_device_batches(pipelines, local, remainder):
     ds = examples(45)
-    single = steps_of(D.element_sharded(ds, context(1, 0, 1), seed=5, epoch=3, remainder=remainder), 1)
-    per_pipeline = [steps_of(D.element_sharded(ds, context(pipelines, p, local), seed=5, epoch=3,
+    single = steps_of(P.element_sharded(ds, context(1, 0, 1), seed=5, epoch=3, remainder=remainder), 1)
+    per_pipeline = [steps_of(P.element_sharded(ds, context(pipelines, p, local), seed=5, epoch=3,
                                                remainder=remainder), local) for p in range(pipelines)]
     assert all(len(s) == len(single) for s in per_pipeline)
     assert len(single) == (6 if remainder == "pad" else 5)
@@ -114,7 +116,7 @@ def test_element_sharding_matches_single_device_batches(pipelines, local, remain
 
 def test_shuffle_depends_on_seed_and_epoch_only():
     ds = examples(40)
-    order = lambda seed, epoch: [i for b in D.element_sharded(ds, context(1, 0), seed=seed, epoch=epoch)
+    order = lambda seed, epoch: [i for b in P.element_sharded(ds, context(1, 0), seed=seed, epoch=epoch)
                                  .as_numpy_iterator() for i in b["id"]]  # noqa: E731
     assert order(1, 0) == order(1, 0)
     assert order(1, 0) != order(1, 1)
@@ -203,14 +205,14 @@ def test_sharding_off_gives_every_pipeline_everything():
 def test_mask_positions_for_tuples_dicts_and_tensors():
     ctx = context(1, 0, 1, 4)
     pair = tf.data.Dataset.from_tensor_slices((np.zeros((5, 2), "f"), np.ones(5, "f")))
-    x, y, mask = next(iter(D.element_sharded(pair, ctx, remainder="pad")))
+    x, y, mask = next(iter(P.element_sharded(pair, ctx, remainder="pad")))
     assert mask.dtype == tf.float32 and x.shape == (4, 2)
     lone = tf.data.Dataset.from_tensor_slices(np.zeros((5, 2), "f"))
-    last = list(D.element_sharded(lone, ctx, remainder="pad"))[-1]
+    last = list(P.element_sharded(lone, ctx, remainder="pad"))[-1]
     assert isinstance(last, tuple) and last[1].numpy().tolist() == [1, 0, 0, 0]
     clash = tf.data.Dataset.from_tensor_slices({"mask": np.zeros(5, "f")})
     with pytest.raises(ValueError, match="already have a 'mask' key"):
-        list(D.element_sharded(clash, ctx, remainder="pad"))
+        list(P.element_sharded(clash, ctx, remainder="pad"))
 
 
 # -- bad input ---------------------------------------------------------------------------------------
@@ -222,9 +224,30 @@ def test_already_batched_dataset_is_rejected_with_the_fix():
     D.check_data(examples(20).batch(4).unbatch())  # fine after unbatch
 
 
+def test_batched_by_knows_this_tf_version():
+    """batched_by reads tf.data internals (Dataset._inputs() and class names): if a TensorFlow upgrade
+    changes them, this fails and names what changed, instead of batched datasets silently passing."""
+    from disttrain.data_checks import _BATCH_TYPES, _UNBATCH_TYPES, batched_by
+
+    base = examples(20)
+    made = {"batch": base.batch(4), "parallel batch": base.batch(4, num_parallel_calls=2),
+            "padded_batch": base.padded_batch(4), "unbatch": base.batch(4).unbatch(),
+            "rebatch": base.batch(4).rebatch(2)}
+    for name, ds in made.items():
+        kind = type(ds).__name__
+        known = _UNBATCH_TYPES if name in ("unbatch", "rebatch") else _BATCH_TYPES
+        assert kind in known, f"tf.data's {name} dataset is now class {kind!r}: update disttrain/data_checks.py"
+        assert callable(getattr(ds.map(lambda e: e), "_inputs", None)), "tf.data datasets lost _inputs()"
+    assert all(batched_by(made[n]) == 4 for n in ("batch", "parallel batch", "padded_batch"))
+    assert batched_by(made["unbatch"]) is None and batched_by(made["rebatch"]) is None
+    long_chain = base.batch(3).map(lambda e: e).prefetch(1).cache().repeat(2).shuffle(4).take(5).skip(1)
+    assert batched_by(long_chain) == 3  # found through the private walk, 7 transformations deep
+    assert batched_by(base.map(lambda e: e).prefetch(1)) is None
+
+
 def test_global_batch_larger_than_dataset_names_both_numbers():
     with pytest.raises(ValueError, match="global batch 64 is larger than the dataset \\(20 examples\\)"):
-        D.element_sharded(examples(20), context(2, 0, 1, 64))
+        P.element_sharded(examples(20), context(2, 0, 1, 64))
 
 
 def test_examples_that_do_not_fit_the_model():
@@ -240,7 +263,7 @@ def test_examples_that_do_not_fit_the_model():
 
 def test_bad_options_are_named():
     with pytest.raises(ValueError, match="remainder='keep' is not supported"):
-        D.element_sharded(examples(20), context(1, 0), remainder="keep")
+        P.element_sharded(examples(20), context(1, 0), remainder="keep")
     with pytest.raises(ValueError, match="sharding='files' is not supported"):
         D.from_dataset(examples(20), sharding="files")
     with pytest.raises(TypeError, match="got int"):
@@ -345,7 +368,7 @@ def test_fit_rejects_bad_input_before_running(single):
 def test_fit_on_shard_files(single, tmp_path):
     trainer, _ = linear_trainer(single)
     x, y = regression(40)
-    files = D.write_shards(tf.data.Dataset.from_tensor_slices((x, y)), tmp_path, num_shards=3)
+    files = S.write_shards(tf.data.Dataset.from_tensor_slices((x, y)), tmp_path, num_shards=3)
     trainer.fit(files, global_batch_size=8, shuffle_seed=1, epochs=2)
     assert int(trainer.optimizer.iterations) == 10
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from disttrain import data as D
+from disttrain import shards as S
 from launchers import WORKERS, run
 
 SCRIPT = WORKERS / "data_epoch.py"
@@ -28,9 +28,9 @@ def rows(n, first=0):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     root = tmp_path_factory.mktemp("data")
-    D.write_shards(rows(37), root / "even", num_shards=4)  # 10, 9, 9, 9 examples
-    a = D.write_shards(rows(20), root / "uneven", num_shards=2, prefix="a")  # ids 0-19: 10 + 10
-    b = D.write_shards(rows(16, first=20), root / "uneven", num_shards=2, prefix="b")  # ids 20-35: 8 + 8
+    S.write_shards(rows(37), root / "even", num_shards=4)  # 10, 9, 9, 9 examples
+    a = S.write_shards(rows(20), root / "uneven", num_shards=2, prefix="a")  # ids 0-19: 10 + 10
+    b = S.write_shards(rows(16, first=20), root / "uneven", num_shards=2, prefix="b")  # ids 20-35: 8 + 8
     # Pipeline 0 of 2 reads files 0 and 2 (a: 20 examples = 5 batches of 4), pipeline 1 files 1 and 3 (16 = 4).
     (root / "uneven_order.json").write_text(json.dumps([a[0], b[0], a[1], b[1]]))
     (root / "elements.json").write_text(json.dumps({"examples": 45}))

@@ -1,4 +1,4 @@
-"""The three seed programs converge under every backend, printing from rank 0 only.
+"""The seed programs converge under every backend, printing from rank 0 only.
 
 Bounds: y = 2x + 1 + N(0, 0.05^2) has an irreducible MSE of 0.0025; after 10 epochs of SGD(0.01) the
 final epoch's mean loss must be below 0.01, the kernel within 0.05 of 2 and the bias within 0.05 of 1.
@@ -7,6 +7,7 @@ final epoch's mean loss must be below 0.01, the kernel within 0.05 of 2 and the 
 import json
 import re
 
+import numpy as np
 import pytest
 
 from launchers import EXAMPLES, run
@@ -39,14 +40,22 @@ def test_basic_loop(launcher, tmp_path):
     assert result["history"]["lr"] == [pytest.approx(0.01)] * 10
 
 
+@pytest.fixture(scope="module")
+def single_device_mae(tmp_path_factory):
+    return train("linear_regression_mae.py", "single", tmp_path_factory.mktemp("mae_single"))
+
+
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_custom_mae_metric(launcher, tmp_path):
-    result = train("linear_regression_mae.py", launcher, tmp_path)
+def test_custom_mae_metric(launcher, tmp_path, single_device_mae):
+    """The seed's plain-function MAE, given as Trainer(metrics=[mae]): exact on 2 replicas (the exact
+    split makes them train like one device), not doubled as a value returned from the step would be."""
+    result = single_device_mae if launcher == "single" else train("linear_regression_mae.py", launcher, tmp_path)
     assert_converged(result)
     mae = result["history"]["mae"]
     # |N(0, s^2)| has mean s*sqrt(2/pi): the MAE can't go below ~0.04 and must get close to it
     assert 0.035 < mae[-1] < 0.08, mae
     assert mae[0] > 10 * mae[-1]
+    assert mae == pytest.approx(single_device_mae["history"]["mae"], rel=1e-4)
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
@@ -68,3 +77,27 @@ def test_sharded_digits_reads_its_own_shards_and_learns(launcher, tmp_path):
     history = json.loads(out.read_text())
     assert history["val_accuracy"][-1] >= 0.9, history["val_accuracy"]
     assert len(list((tmp_path / "data").rglob("*.tfrecord"))) >= 8
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_sum_of_two(launcher, tmp_path):
+    """One example per replica per step; the progress bar (rank 0 only) shows the running mean loss,
+    which falls every epoch; the test loop's mean loss is the single-device value of the final model."""
+    out = tmp_path / "record.json"
+    proc = run(launcher, EXAMPLES / "sum_of_two.py", ["--history-json", str(out)], timeout=240)
+    result = json.loads(out.read_text())
+    replicas = 1 if launcher == "single" else 2
+    assert result["replicas"] == replicas
+    loss = result["history"]["loss"]
+    assert len(loss) == 5 and all(b < a for a, b in zip(loss, loss[1:])), loss
+    assert loss[-1] < 0.985 * loss[0], loss  # Adam(1e-4) is slow: -5% in 500 steps (1 replica), -3% in 250 (2)
+    lines = proc.stdout.splitlines()
+    progress = [line for line in lines if re.search(r"epoch \d/5 \d+/\d+ - loss [\d.]+", line)]
+    assert len(progress) == 5 * (100 // replicas) // 10, proc.stdout  # every 10 steps, rank 0 only
+    assert not any(line.startswith(("[1]", "[1]<stdout>")) for line in lines), proc.stdout
+    x, y = np.array(result["test_x"]), np.array(result["test_y"])
+    prediction = x @ np.array(result["kernel"]).reshape(2, 1) + np.array(result["bias"])
+    expected = float(np.mean(np.sum((y - prediction) ** 2, axis=-1)))
+    assert result["test_loss"] == pytest.approx(expected, rel=1e-5)
+    printed = [float(m.group(1)) for m in map(re.compile(r"mean test loss over 10 pairs: ([\d.]+)").search, lines) if m]
+    assert printed == [pytest.approx(expected, rel=1e-4)], proc.stdout

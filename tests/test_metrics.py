@@ -1,5 +1,7 @@
 """Exact metric merging across ranks (fast, in-process: ranks are threads with real collectives)."""
 
+import warnings
+
 import keras
 import numpy as np
 import pytest
@@ -145,3 +147,98 @@ def test_layout_mismatch_is_an_error():
         return layout.size
 
     assert run_ranks(1, rank_fn) == [2]
+
+
+def mae(y_true, y_pred):
+    """The seed program's metric: a plain function, one value per example."""
+    return np.mean(np.abs(y_true - y_pred), axis=-1)
+
+
+def test_plain_function_metric_is_merged_exactly_not_summed():
+    """A plain function given as a metric becomes a Keras mean metric whose state merges exactly; the
+    per-rank means summed (what a value returned from the step gets) would be far off."""
+    data = [rank_data(0), rank_data(1)]
+
+    def rank_fn(backend):
+        scopes = []
+
+        def scope():
+            scopes.append(1)
+            return backend.scope()
+
+        (metric,) = metrics_lib.as_list([mae], scope=scope)
+        metric.update_state(data[backend.rank]["y"], data[backend.rank]["pred"])
+        merged = metrics_lib.merged_results(backend, [metric])
+        return type(metric), metric.name, len(scopes), merged["mae"], float(metric.result())
+
+    results = run_ranks(2, rank_fn)
+    assert {r[:3] for r in results} == {(keras.metrics.MeanMetricWrapper, "mae", 1)}  # wrapped in the scope
+    exact = float(np.mean(np.concatenate([mae(d["y"], d["pred"]) for d in data])))
+    assert results[0][3] == results[1][3] == pytest.approx(exact, rel=1e-6)
+    summed = results[0][4] + results[1][4]
+    assert not np.isclose(summed, exact, rtol=0.1)
+
+
+def test_plain_function_metrics_need_names_and_must_be_metrics_or_functions():
+    with pytest.raises(ValueError, match="needs a name"):
+        metrics_lib.as_list([lambda t, p: t - p])
+    (named,) = metrics_lib.as_list({"err": lambda t, p: t - p})
+    assert named.name == "err"
+    with pytest.raises(ValueError, match=r"\['mae'\] repeat"):
+        metrics_lib.as_list([mae, keras.metrics.MeanAbsoluteError(name="mae")])
+    with pytest.raises(TypeError, match="got 'mae'"):
+        metrics_lib.as_list(["mae"])
+
+
+def test_a_function_metric_that_no_step_updated_warns_instead_of_reading_zero():
+    def rank_fn(backend):
+        updated, forgotten = metrics_lib.as_list({"updated": mae, "forgotten": mae})
+        updated.update_state(np.ones((4, 1), "float32"), np.zeros((4, 1), "float32"))
+        vector, layout = metrics_lib.pack_local_states(backend, [updated, forgotten])
+        return metrics_lib.results_from_vector(backend, layout, backend.all_reduce(vector, "sum"))
+
+    with warnings.catch_warnings(record=True) as caught:  # records the rank threads' warnings too
+        warnings.simplefilter("always")
+        results = run_ranks(2, rank_fn)
+    assert results == [{"updated": 1.0, "forgotten": 0.0}] * 2
+    messages = [str(w.message) for w in caught if "never updated" in str(w.message)]
+    assert len(messages) == 1 and "'forgotten' (a plain function) was never updated" in messages[0]  # chief only
+
+
+def test_trainer_wraps_function_metrics_in_its_scope_and_warns_when_the_step_forgets_them():
+    import tensorflow as tf
+
+    import disttrain as dt
+    from disttrain.backends.single import SingleBackend
+
+    backend = SingleBackend(device="/cpu:0")
+    with backend.scope():
+        model = keras.Sequential([keras.Input(shape=(1,)), keras.layers.Dense(1)])
+        optimizer = keras.optimizers.SGD(0.01)
+
+    def keras_mae(y_true, y_pred):
+        return keras.ops.mean(keras.ops.abs(y_true - y_pred), axis=-1)
+
+    def step(ctx, batch, update=True):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            prediction = model(x, training=True)
+            loss = ctx.average_loss(keras.ops.mean(keras.ops.square(y - prediction), axis=-1))
+        ctx.apply_gradients(optimizer, tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        if update:
+            trainer.metrics[0].update_state(y, prediction)
+        return loss
+
+    x = np.linspace(-1, 1, 32, dtype="float32").reshape(-1, 1)
+    data = tf.data.Dataset.from_tensor_slices((x, 3 * x))
+    trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=step, backend=backend, metrics=[keras_mae],
+                         verbose=0)
+    assert isinstance(trainer.metrics[0], keras.metrics.MeanMetricWrapper)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = trainer.fit(data, global_batch_size=8, epochs=1)
+        assert history["keras_mae"][0] > 0 and not [w for w in caught if "never updated" in str(w.message)]
+        forgetful = dt.Trainer(model=model, optimizer=optimizer, backend=backend, metrics=[keras_mae], verbose=0,
+                               train_step=lambda ctx, batch: step(ctx, batch, update=False))
+        assert forgetful.fit(data, global_batch_size=8, epochs=1)["keras_mae"] == [0.0]
+    assert any("'keras_mae' (a plain function) was never updated" in str(w.message) for w in caught)

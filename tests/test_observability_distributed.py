@@ -146,7 +146,7 @@ def test_metric_is_exact_not_mean_of_means(launched):
 def test_only_rank_zero_prints_progress(launched):
     backend, _, infos, proc = launched
     prefix = CASES[backend][2]
-    progress = re.compile(r"epoch \d+/\d+ \d+/\d+ \[")
+    progress = re.compile(r"epoch \d+/\d+ \d+/\d+ - ")
     if prefix is None:
         shown = [line for line in proc.stdout.splitlines() if progress.search(line)]
     else:

@@ -126,7 +126,7 @@ def test_tensorboard_jsonl_and_progress_hold_the_reported_values(backend, tmp_pa
 
     printed = out.getvalue()
     assert f"tensorboard --logdir {tmp_path / 'tb'}" in printed
-    assert "epoch 1/2 3/8 [" in printed and "epoch 2/2 8/8 [" in printed and "val_mae" in printed
+    assert "epoch 1/2 3/8 - loss" in printed and "epoch 2/2 8/8 - loss" in printed and "val_mae" in printed
     assert "\r" not in printed  # not a terminal: plain lines
 
 
@@ -185,18 +185,20 @@ def test_off_means_no_extra_collectives(backend):
 
 
 def test_default_interval_depends_on_consumers():
-    assert step_logs.requested_intervals(log_every_steps=None, callbacks=[dt.Callback()]) == (0, 0, False)
+    assert step_logs.requested_intervals(log_every_steps=None, callbacks=[dt.Callback()]) == (0, 0, False, None)
     assert step_logs.requested_intervals(log_every_steps=None, callbacks=[dt.ProgressBar()])[0] == \
         step_logs.DEFAULT_LOG_EVERY_STEPS
     tb = dt.TensorBoard(logdir="unused", histogram_every_steps=6, histograms=["weights"])
-    assert step_logs.requested_intervals(log_every_steps=5, callbacks=[tb]) == (5, 6, False)
+    assert step_logs.requested_intervals(log_every_steps=5, callbacks=[tb]) == (5, 6, False, None)
+    profiled = [dt.TensorBoard(logdir="unused", profile_steps=(4, 6)), dt.TensorBoard(logdir="other", profile_steps=(2, 3))]
+    assert step_logs.requested_intervals(log_every_steps=0, callbacks=profiled) == (0, 0, False, (2, 6))
     with pytest.raises(ValueError, match="log_every_steps=-1"):
         step_logs.requested_intervals(log_every_steps=-1, callbacks=[])
 
 
 def test_processes_agree_on_the_largest_interval():
     """A rank whose callbacks ask for nothing (TensorBoard made on the chief only) still joins in."""
-    asks = {0: (10, 6, True), 1: (0, 0, False)}
+    asks = {0: (10, 6, True, None), 1: (0, 0, False, None)}
     got = run_ranks(2, lambda b: step_logs.agree(b, asks[b.rank]))
     assert got[0] == got[1] == step_logs.Intervals(log_every_steps=10, histogram_every_steps=6, gradients=True)
 
@@ -218,8 +220,9 @@ def test_progress_bar_redraws_on_a_terminal_and_quiet_prints_nothing(backend, ca
     out = io.StringIO()
     make_trainer(backend, log_every_steps=2, callbacks=[dt.ProgressBar(stream=out, dynamic=True)]).fit(
         data(), global_batch_size=GLOBAL_BATCH, epochs=1)
-    text = out.getvalue()
-    assert text.count("\r") == 4 and text.endswith("\n") and text.count("\n") == 1  # 3 redraws + final line
+    text = out.getvalue()  # keras.utils.Progbar under an "Epoch 1/1" header: 3 redraws + the final line
+    assert text.startswith("Epoch 1/1\n") and text.count("\r") == 4 and text.endswith("\n") and text.count("\n") == 2
+    assert "8/8" in text and "━" in text and "mae:" in text
     make_trainer(backend, verbose=0).fit(data(), global_batch_size=GLOBAL_BATCH, epochs=1)
     assert capsys.readouterr().out == ""
 
@@ -229,6 +232,32 @@ def test_bad_arguments():
         dt.TensorBoard(logdir="x", histogram_every_steps=-1)
     with pytest.raises(ValueError, match="unknown histogram kinds"):
         dt.TensorBoard(logdir="x", histograms=["activations"])
+    with pytest.raises(ValueError, match=r"profile_steps=\(5, 2\) must be \(first, last\) train steps"):
+        dt.TensorBoard(logdir="x", profile_steps=(5, 2))
+
+
+def test_profile_steps_write_a_trace_on_the_chief_only(backend, tmp_path):
+    """The profiler runs from just before step 3 to just after step 5 (a window across the epoch end)."""
+
+    class Steps(dt.Callback):  # records the global step at which the profiler was started/stopped
+        def __init__(self, tb):
+            self.tb, self.seen = tb, []
+
+        def on_step_logs(self, trainer, step, logs):
+            self.seen.append((step, self.tb._profiling))
+
+    tb = dt.TensorBoard(logdir=str(tmp_path / "chief"), profile_steps=(3, 10), announce=False)
+    steps = Steps(tb)
+    make_trainer(backend, log_every_steps=1, callbacks=[tb, steps]).fit(data(), global_batch_size=GLOBAL_BATCH, epochs=2)
+    assert [s for s, on in steps.seen if on] == list(range(3, 11))  # on during steps 3..10, off after
+    traces = list((tmp_path / "chief" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0, traces
+    quiet = dt.TensorBoard(logdir=str(tmp_path / "other"), profile_steps=(1, 2), announce=False)
+    make_trainer(NotChief(device="/cpu:0"), callbacks=[quiet]).fit(data(), global_batch_size=GLOBAL_BATCH, epochs=1)
+    assert not (tmp_path / "other").exists()
+    ended = dt.TensorBoard(logdir=str(tmp_path / "ended"), profile_steps=(7, 100), announce=False)
+    make_trainer(backend, callbacks=[ended]).fit(data(), global_batch_size=GLOBAL_BATCH, epochs=1)
+    assert not ended._profiling and list((tmp_path / "ended" / "plugins" / "profile").glob("*/*.xplane.pb"))
 
 
 @pytest.mark.parametrize("data", [np.random.default_rng(0).normal(size=(7, 9)), np.full(5, 2.5), np.zeros(0),

@@ -7,6 +7,7 @@ from typing import Mapping
 
 from disttrain.backends.base import REDUCE_OPS, Backend, InputContext
 from disttrain.backends.rendezvous import MPI_SIZE_ENV
+from disttrain.backends.gradients import DEFAULT_BUCKET_MB, GradientOptions
 
 NAMES = ("single", "mirrored", "multiworker", "horovod")
 
@@ -41,7 +42,7 @@ def detect(environ: Mapping[str, str] | None = None, *, num_gpus: int | None = N
 
 
 def get_backend(name: str = "auto", *, cpu_replicas: int | None = None, threads: int | None = None,
-                **options) -> Backend:
+                compression: str = "none", bucket_mb: float = DEFAULT_BUCKET_MB, **options) -> Backend:
     """Creates (once per process) and returns the backend.
 
     Call it first thing in a program: logical CPU devices and thread limits must be set before
@@ -52,15 +53,22 @@ def get_backend(name: str = "auto", *, cpu_replicas: int | None = None, threads:
       cpu_replicas: Logical CPU devices to replicate over (mirrored; default from
         ``DISTTRAIN_CPU_REPLICAS``).
       threads: Cap on TensorFlow's thread pools for this process; default from ``DISTTRAIN_THREADS``.
-      **options: Passed to the backend class (e.g. ``compression="fp16"`` for Horovod).
+      compression: Gradients are summed over the replicas in ``none`` (their own dtype), ``fp16`` or
+        ``bf16`` (half the bytes; see :mod:`disttrain.backends.gradients`). Every backend.
+      bucket_mb: Gradients are summed in buckets of about this many MiB, last layer first, so the
+        communication overlaps the backward pass; 0 = one group after the backward pass. Every backend.
+      **options: Passed to the backend class (e.g. ``fusion_threshold_mb=``, ``cycle_time_ms=`` for
+        Horovod, ``communication=`` for multiworker).
 
     Raises:
-      ValueError: For an unknown name, or a second call asking for a different backend.
+      ValueError: For an unknown name, a second call asking for a different backend, or a bad
+        compression or bucket size.
       ImportError: For ``horovod`` where Horovod is not installed (names the set-up command).
     """
     global _current
     if name == "auto":
         name = detect()
+    gradient_options = GradientOptions(compression=compression, bucket_mb=bucket_mb)
     if name not in NAMES:
         raise ValueError(f"unknown backend {name!r}; use one of auto, {', '.join(NAMES)}")
     if _current is not None:
@@ -85,6 +93,7 @@ def get_backend(name: str = "auto", *, cpu_replicas: int | None = None, threads:
     else:
         from disttrain.backends.horovod import HorovodBackend
         _current = HorovodBackend(**options)
+    _current.gradient_options = gradient_options
     if not _current.is_chief:  # silence elsewhere: only the chief talks
         import tensorflow as tf
 
@@ -92,4 +101,4 @@ def get_backend(name: str = "auto", *, cpu_replicas: int | None = None, threads:
     return _current
 
 
-__all__ = ["Backend", "InputContext", "NAMES", "REDUCE_OPS", "detect", "get_backend"]
+__all__ = ["Backend", "GradientOptions", "InputContext", "NAMES", "REDUCE_OPS", "detect", "get_backend"]

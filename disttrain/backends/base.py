@@ -19,6 +19,8 @@ from typing import Any, Callable, Iterator
 
 import tensorflow as tf
 
+from disttrain.backends import gradients as gradients_lib
+
 REDUCE_OPS = ("sum", "mean", "max", "min")
 
 
@@ -117,13 +119,30 @@ class Backend(abc.ABC):
         values = [tf.convert_to_tensor(v) for v in self.local_values(per_replica)]
         return tf.add_n(values) if len(values) > 1 else tf.identity(values[0])
 
-    @abc.abstractmethod
+    #: Compression and bucket size of the gradient reduction (``get_backend(compression=..., bucket_mb=...)``);
+    #: read when a step is traced.
+    gradient_options: gradients_lib.GradientOptions = gradients_lib.GradientOptions()
+
     def reduce_gradients(self, grads: list) -> list:
-        """In a replica context: the gradients summed over all replicas, for custom gradient handling."""
+        """In a replica context: the gradients summed over all replicas (compressed and bucketed as
+        :attr:`gradient_options` say), identical on every replica."""
+        return gradients_lib.reduce_gradients(grads, options=self.gradient_options, num_replicas=self.num_replicas,
+                                              sum_bucket=self._sum_gradients)
 
     @abc.abstractmethod
+    def _sum_gradients(self, tensors: list[tf.Tensor]) -> list[tf.Tensor]:
+        """In a replica context: one bucket of (possibly compressed) gradients summed over all replicas."""
+
     def apply_gradients(self, optimizer: Any, grads: list, variables: list) -> None:
-        """In a replica context: sums ``grads`` over all replicas once and applies them."""
+        """In a replica context: sums ``grads`` over all replicas once (:meth:`reduce_gradients`) and
+        applies them (:meth:`apply_reduced_gradients`)."""
+        self.apply_reduced_gradients(optimizer, self.reduce_gradients(grads), variables)
+
+    def apply_reduced_gradients(self, optimizer: Any, reduced: list, variables: list) -> None:
+        """In a replica context: applies gradients already summed over all replicas; the optimizer's own
+        sum over replicas is skipped."""
+        with gradients_lib.applying_reduced(optimizer):
+            optimizer.apply_gradients(zip(reduced, variables))
 
     # -- collectives (eager, called by every process) -------------------------------------------
     @abc.abstractmethod

@@ -25,6 +25,24 @@ def import_horovod():
     return hvd
 
 
+def horovod_env(*, fusion_threshold_mb: float | None = None, cycle_time_ms: float | None = None) -> dict[str, str]:
+    """The environment variables Horovod reads at ``hvd.init()`` for these settings (None = unset).
+
+    Raises:
+      ValueError: For a negative fusion threshold or a non-positive cycle time.
+    """
+    env = {}
+    if fusion_threshold_mb is not None:
+        if fusion_threshold_mb < 0:
+            raise ValueError(f"fusion_threshold_mb={fusion_threshold_mb} must be >= 0 (0 turns tensor fusion off)")
+        env["HOROVOD_FUSION_THRESHOLD"] = str(int(fusion_threshold_mb * (1 << 20)))
+    if cycle_time_ms is not None:
+        if not cycle_time_ms > 0:
+            raise ValueError(f"cycle_time_ms={cycle_time_ms} must be > 0 (Horovod's default is 1)")
+        env["HOROVOD_CYCLE_TIME"] = str(float(cycle_time_ms))
+    return env
+
+
 def _raw(variable: Any) -> tf.Variable:
     return variable if isinstance(variable, tf.Variable) else getattr(variable, "value", variable)
 
@@ -32,27 +50,42 @@ def _raw(variable: Any) -> tf.Variable:
 class HorovodBackend(Backend):
     """Data parallelism with one replica per process; launch with ``horovodrun -np N`` or ``mpirun``.
 
-    The gradients of every step are summed with one grouped all-reduce, and the model and optimizer
-    variables are broadcast from rank 0 before the first step (``sync_initial_state``).
+    The gradients of every step are summed with grouped all-reduces (one per bucket, see
+    :mod:`disttrain.backends.gradients`), and the model and optimizer variables are broadcast from rank 0
+    before the first step (``sync_initial_state``).
+
+    Horovod's background thread fuses the tensors that are ready within one cycle into one buffer of
+    at most the fusion threshold; both are read once, when Horovod starts (here), from
+    ``HOROVOD_FUSION_THRESHOLD`` (bytes) and ``HOROVOD_CYCLE_TIME`` (ms), which ``horovodrun
+    --fusion-threshold-mb/--cycle-time-ms`` also set. The arguments below override them.
 
     Ranks started with Gloo first meet in the launcher's rendezvous server, so a rank that never comes is
     named within ``startup_timeout`` seconds (and SIGTERM ends that wait). Started by plain ``python``
     (no horovodrun, mpirun or ``disttrain launch``), it warns that it runs one process.
 
     Args:
-      compression: ``none`` or ``fp16`` (halves the bytes on the wire, at fp16 precision).
+      fusion_threshold_mb: Tensor fusion buffer in MiB (Horovod's default 128; 0 turns fusion off).
+      cycle_time_ms: Milliseconds the background thread waits between fusion cycles (Horovod's
+        default 1; larger fuses more, smaller lowers latency).
       startup_timeout: Seconds to wait for the other ranks (default DISTTRAIN_STARTUP_TIMEOUT or 300).
 
     Raises:
-      ImportError: If Horovod is not installed; the message names the set-up command.
+      ImportError: If Horovod is not installed; the message names the install command.
+      ValueError: For a negative fusion threshold or a non-positive cycle time.
       TimeoutError: If a rank does not reach the rendezvous in time.
     """
 
     name = "horovod"
 
-    def __init__(self, *, compression: str = "none", startup_timeout: float | None = None):
+    def __init__(self, *, fusion_threshold_mb: float | None = None, cycle_time_ms: float | None = None,
+                 startup_timeout: float | None = None):
         hvd = import_horovod()
         self._hvd = hvd
+        env = horovod_env(fusion_threshold_mb=fusion_threshold_mb, cycle_time_ms=cycle_time_ms)
+        if env and hvd.is_initialized():
+            raise ValueError(f"Horovod is already initialised; {env} can only be set before hvd.init(): "
+                             "create the backend first thing in the program")
+        os.environ.update(env)
         if "HOROVOD_RANK" not in os.environ and not under_mpi():
             sys.stderr.write("disttrain: warning: the horovod backend was started without horovodrun, mpirun or "
                              "`disttrain launch --backend horovod`, so it runs ONE process (rank 0 of 1); launch "
@@ -67,10 +100,6 @@ class HorovodBackend(Backend):
                 tf.config.experimental.set_memory_growth(gpus[hvd.local_rank() % len(gpus)], True)
             except RuntimeError:
                 pass
-        try:
-            self._compression = {"none": hvd.Compression.none, "fp16": hvd.Compression.fp16}[compression]
-        except KeyError:
-            raise ValueError(f"compression {compression!r} is not supported; use 'none' or 'fp16'") from None
         self._ops = {"sum": hvd.Sum, "max": hvd.Max, "min": hvd.Min}
 
     @property
@@ -103,19 +132,31 @@ class HorovodBackend(Backend):
     def local_values(self, per_replica: Any) -> tuple:
         return (per_replica,)
 
-    def reduce_gradients(self, grads: list) -> list:
-        present = [(i, tf.convert_to_tensor(g)) for i, g in enumerate(grads) if g is not None]
-        if not present or self.size == 1:
-            return list(grads)
-        reduced = self._hvd.grouped_allreduce([g for _, g in present], op=self._hvd.Sum,
-                                              compression=self._compression)
-        out = list(grads)
-        for (i, _), g in zip(present, reduced):
-            out[i] = g
+    def _sum_gradients(self, tensors: list[tf.Tensor]) -> list[tf.Tensor]:
+        narrow = [i for i, t in enumerate(tensors) if t.dtype == tf.bfloat16]
+        if not narrow:
+            return self._hvd.grouped_allreduce(tensors, op=self._hvd.Sum)
+        out = list(tensors)
+        rest = [i for i in range(len(tensors)) if i not in narrow]
+        if rest:
+            for i, value in zip(rest, self._hvd.grouped_allreduce([tensors[i] for i in rest], op=self._hvd.Sum)):
+                out[i] = value
+        for i, value in zip(narrow, self._sum_bfloat16([tensors[i] for i in narrow])):
+            out[i] = value
         return out
 
-    def apply_gradients(self, optimizer: Any, grads: list, variables: list) -> None:
-        optimizer.apply_gradients(zip(self.reduce_gradients(grads), variables))
+    def _sum_bfloat16(self, tensors: list[tf.Tensor]) -> list[tf.Tensor]:
+        """Horovod 0.28's allreduce has no bfloat16: gather every rank's bf16 bits (carried as float16,
+        same width, never computed on) and add them in rank order, so every rank gets the same sum.
+        With 2 ranks this moves the same bytes as a ring all-reduce; with more it moves more."""
+        flat = tf.concat([tf.reshape(t, [-1]) for t in tensors], 0)
+        gathered = self._hvd.allgather(tf.bitcast(flat, tf.float16))
+        per_rank = tf.bitcast(tf.reshape(gathered, [self.size, -1]), tf.bfloat16)
+        total = per_rank[0]
+        for r in range(1, self.size):
+            total = total + per_rank[r]
+        parts = tf.split(total, tf.stack([tf.size(t) for t in tensors]), num=len(tensors))
+        return [tf.reshape(part, tf.shape(t)) for part, t in zip(parts, tensors)]
 
     # -- collectives ---------------------------------------------------------------------------
     def _all_reduce_tensor(self, value: tf.Tensor, op: str) -> tf.Tensor:

@@ -74,18 +74,11 @@ class StrategyBackend(Backend):
     def local_values(self, per_replica: Any) -> tuple:
         return tuple(self.strategy.experimental_local_results(per_replica))
 
-    def reduce_gradients(self, grads: list) -> list:
-        ctx = tf.distribute.get_replica_context()
-        present = [(i, g) for i, g in enumerate(grads) if g is not None]
-        reduced = ctx.all_reduce(tf.distribute.ReduceOp.SUM, [g for _, g in present])
-        out = list(grads)
-        for (i, _), g in zip(present, reduced):
-            out[i] = g
-        return out
-
-    def apply_gradients(self, optimizer: Any, grads: list, variables: list) -> None:
-        # Keras' optimizer sums the gradients over the replicas itself when called in a replica context.
-        optimizer.apply_gradients(zip(grads, variables))
+    def _sum_gradients(self, tensors: list[tf.Tensor]) -> list[tf.Tensor]:
+        # A step function's input placeholders carry no device, which the collective needs to know;
+        # an identity made here is placed on the replica's device.
+        tensors = [t if t.device else tf.identity(t) for t in tensors]
+        return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tensors)
 
     # -- collectives ---------------------------------------------------------------------------
     def _all_reduce_tensor(self, value: tf.Tensor, op: str) -> tf.Tensor:

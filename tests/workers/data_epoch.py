@@ -27,6 +27,7 @@ import tensorflow as tf  # noqa: E402
 
 from disttrain import data as D  # noqa: E402
 from disttrain import metrics as metrics_lib  # noqa: E402
+from disttrain import pipelines  # noqa: E402
 
 MAX_ID = 64
 
@@ -80,8 +81,8 @@ def file_fn(files, remainder, *, repeat=False, unknown=False):
     source = D.from_files(files)
 
     def fn(ctx):
-        ds = D.file_sharded(source.files, ctx, decode_batch=source.decode_batch, counts=source.counts,
-                            remainder=remainder)
+        ds = pipelines.file_sharded(source.files, ctx, decode_batch=source.decode_batch, counts=source.counts,
+                                     remainder=remainder)
         if unknown:
             ds = ds.filter(lambda b: True)
         return ds.repeat() if repeat else ds

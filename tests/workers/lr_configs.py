@@ -17,10 +17,9 @@ def replica_data(replica: int):
 def make_optimizer(name: str):
     import keras
 
-    from disttrain.lr import StepDecay
-
-    if name == "schedule":  # a schedule-valued LR: Keras cannot set it, the controller multiplies it
-        return keras.optimizers.SGD(learning_rate=StepDecay(0.05, step_size=5 * STEPS, factor=0.5))
+    if name == "schedule":  # a schedule-valued LR (x0.5 every 5 epochs): the controller multiplies it
+        return keras.optimizers.SGD(learning_rate=keras.optimizers.schedules.ExponentialDecay(
+            0.05, decay_steps=5 * STEPS, decay_rate=0.5, staircase=True))
     return keras.optimizers.SGD(learning_rate=0.05)
 
 

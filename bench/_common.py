@@ -1,0 +1,97 @@
+"""What every benchmark shares: interleaved pairs, ratio statistics, the load average, the result rows.
+
+A benchmark measures its variants in alternating order within one process (or one launch), so noise
+from other jobs hits both sides of a pair alike, and reports for each row the median, min and max of
+the per-pair ratios (never a ratio of two separately taken medians), plus the load average while it ran.
+Each row is also appended as JSON to ``$BENCH_RESULTS`` (when set) for ``bench/run.py``'s plot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+from typing import Callable, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load() -> str:
+    one, five, _ = os.getloadavg()
+    return f"{one:.1f} (1 min) / {five:.1f} (5 min) on {os.cpu_count()} CPUs"
+
+
+def interleaved(variants: dict[str, Callable[[], float]], *, reps: int) -> dict[str, list[float]]:
+    """Runs each variant ``reps`` times, rotating the order every repetition; returns the values it
+    returned (e.g. seconds per step) by variant."""
+    names = list(variants)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    for rep in range(reps):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            out[name].append(variants[name]())
+    return out
+
+
+def timed(fn: Callable[[], object], *, repeat: int = 1) -> float:
+    """Seconds per call of ``fn`` over ``repeat`` calls."""
+    start = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    return (time.perf_counter() - start) / repeat
+
+
+def ratios(numerator: Sequence[float], denominator: Sequence[float]) -> list[float]:
+    """Per-pair ratios (pair i = repetition i of both)."""
+    return [a / b for a, b in zip(numerator, denominator)]
+
+
+def spread(values: Sequence[float]) -> str:
+    """``median (min-max)``."""
+    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def verdict(value: float, goal: str) -> str:
+    """``meets`` / ``MISSES by x%`` for a goal written as ``<= 1.03`` or ``>= 0.9``."""
+    op, target = goal.split()
+    target = float(target)
+    if (value <= target) if op == "<=" else (value >= target):
+        return "meets"
+    return f"MISSES by {abs(value / target - 1) * 100:.0f}%"
+
+
+def record(row: str, pair_ratios: Sequence[float], goal: str | None) -> None:
+    """Appends a row's ratios to ``$BENCH_RESULTS`` for the plot."""
+    path = os.environ.get("BENCH_RESULTS")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"row": row, "ratios": list(pair_ratios), "goal": goal}) + "\n")
+
+
+def ratio_table(rows: list[tuple[str, str, Sequence[float], str | None, str]]) -> list[str]:
+    """Markdown rows ``| id | measurement | median (min-max) | goal | verdict | details |``; records each."""
+    lines = ["| row | ratio of | per-pair ratio: median (min-max) | goal | verdict | details |",
+             "|---|---|---|---|---|---|"]
+    for row, what, values, goal, details in rows:
+        record(row, values, goal)
+        judged = verdict(statistics.median(values), goal) if goal else "-"
+        lines.append(f"| {row} | {what} | {spread(values)} | {goal or '-'} | {judged} | {details} |")
+    return lines
+
+
+def command(script: str, argv: Sequence[str] | None) -> str:
+    args = list(sys.argv[1:] if argv is None else argv)
+    return f"python bench/{script}" + (" " + shlex.join(args) if args else "")
+
+
+def worker_env(threads: int = 1) -> dict:
+    """The environment of a launched benchmark worker (as the tests': 1 thread, quiet TensorFlow)."""
+    env = dict(os.environ, DISTTRAIN_THREADS=str(threads), OMP_NUM_THREADS=str(threads), TF_CPP_MIN_LOG_LEVEL="2",
+               TF_ENABLE_ONEDNN_OPTS="0", PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    for key in [k for k in env if k.startswith(("OMPI_", "PMIX_", "HOROVOD_")) or k == "TF_CONFIG"]:
+        del env[key]
+    return env
