@@ -6,22 +6,62 @@
         model = ...; optimizer = ...
     trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=step, backend=backend)
     trainer.fit(dataset, global_batch_size=64, epochs=5)
+
+The public names load on first use (PEP 562), so ``import disttrain`` and the ``disttrain`` command do
+not pay for TensorFlow's import until something needs it.
 """
 
-from disttrain.backends import Backend, GradientOptions, InputContext, detect, get_backend
-from disttrain.callbacks import Callback, current_learning_rate
-from disttrain.checkpoint import Checkpointing
-from disttrain.drift import DriftError
-from disttrain.nonfinite import NonFiniteError
-from disttrain.preemption import PREEMPTION_EXIT_CODE, Preempted
-from disttrain.step_context import StepContext
-from disttrain.trainer import Trainer
-from disttrain.watchdog import STALL_EXIT_CODE
-from disttrain.progress import JsonLinesLogger, ProgressBar
-from disttrain.summaries import TensorBoard
-from disttrain import data, lr, metrics, shards, summaries  # noqa: E402  (submodules as dt.data, dt.lr, ...)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = ["GradientOptions", "data", "lr", "metrics", "shards", "summaries", "Backend", "Callback", "Checkpointing", "DriftError", "NonFiniteError", "PREEMPTION_EXIT_CODE", "STALL_EXIT_CODE", "Preempted", "InputContext", "JsonLinesLogger", "ProgressBar", "StepContext", "TensorBoard",
-           "Trainer", "current_learning_rate", "detect", "get_backend", "__version__"]
+#: Public name -> module that defines it.
+_NAMES = {
+    "Backend": "disttrain.backends", "GradientOptions": "disttrain.backends", "InputContext": "disttrain.backends",
+    "detect": "disttrain.backends", "get_backend": "disttrain.backends",
+    "Callback": "disttrain.callbacks", "current_learning_rate": "disttrain.callbacks",
+    "Checkpointing": "disttrain.checkpoint",
+    "DriftError": "disttrain.drift", "NonFiniteError": "disttrain.nonfinite", "STALL_EXIT_CODE": "disttrain.watchdog",
+    "PREEMPTION_EXIT_CODE": "disttrain.preemption", "Preempted": "disttrain.preemption",
+    "StepContext": "disttrain.step_context",
+    "Trainer": "disttrain.trainer",
+    "JsonLinesLogger": "disttrain.progress", "ProgressBar": "disttrain.progress",
+    "TensorBoard": "disttrain.summaries",
+}
+#: Submodules reachable as ``dt.data``, ``dt.lr``, ...
+_SUBMODULES = ("data", "lr", "metrics", "shards", "summaries")
+
+__all__ = sorted([*_NAMES, *_SUBMODULES, "__version__"])
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        value = getattr(importlib.import_module(_NAMES[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"disttrain.{name}")
+    else:
+        raise AttributeError(f"module 'disttrain' has no attribute {name!r}")
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
+    from disttrain import data, lr, metrics, shards, summaries  # noqa: F401
+    from disttrain.backends import Backend, GradientOptions, InputContext, detect, get_backend  # noqa: F401
+    from disttrain.callbacks import Callback, current_learning_rate  # noqa: F401
+    from disttrain.checkpoint import Checkpointing  # noqa: F401
+    from disttrain.drift import DriftError  # noqa: F401
+    from disttrain.nonfinite import NonFiniteError  # noqa: F401
+    from disttrain.watchdog import STALL_EXIT_CODE  # noqa: F401
+    from disttrain.preemption import PREEMPTION_EXIT_CODE, Preempted  # noqa: F401
+    from disttrain.progress import JsonLinesLogger, ProgressBar  # noqa: F401
+    from disttrain.step_context import StepContext  # noqa: F401
+    from disttrain.summaries import TensorBoard  # noqa: F401
+    from disttrain.trainer import Trainer  # noqa: F401

@@ -41,6 +41,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from disttrain.trainer import Trainer
 
 _FORMAT = 1
+#: Seconds a process waits after the preemption barrier before it exits (see ``after_step``).
+EXIT_LINGER_SECONDS = 1.0
 #: ``fit`` arguments a resumed run must repeat: they fix which examples form global batch k.
 RESUME_KEYS = ("global_batch_size", "shuffle_seed", "steps_per_epoch")
 
@@ -187,6 +189,11 @@ class CheckpointSession:
             path = self.save(carry=totals.carry())
             if stop:
                 self.backend.barrier()  # nobody exits (and makes a launcher kill the others) before the save
+                if self.backend.size > 1:
+                    # Leaving the barrier's collective, this process may still be sending to a peer that has
+                    # not left it; exiting at once can cut that connection ("Collective ops is aborted by:
+                    # Socket closed" on the peer). A moment lets every process leave the barrier.
+                    time.sleep(EXIT_LINGER_SECONDS)
                 if self.backend.is_chief:
                     trainer = self.trainer
                     print(f"disttrain: preempted after global step {step} (epoch {trainer.epoch + 1}, step "

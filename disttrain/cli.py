@@ -1,4 +1,8 @@
-"""The ``disttrain`` command: ``info`` and ``launch``."""
+"""The ``disttrain`` command: ``info``, ``launch``, ``install-horovod`` and ``slurm``.
+
+Nothing heavy is imported before a subcommand needs it: ``disttrain --help`` answers without loading
+TensorFlow.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,9 @@ import argparse
 import importlib.metadata
 import os
 import shutil
-import subprocess
 import sys
+
+from disttrain.launcher import DEFAULT_SSH
 
 
 def _version(package: str) -> str | None:
@@ -23,13 +28,13 @@ def horovod_status() -> tuple[bool, str]:
         import horovod.tensorflow as hvd  # noqa: F401
         from horovod.common.util import gloo_built, mpi_built
     except ImportError as err:
-        from disttrain.backends.horovod import SETUP_HINT
-        return False, f"Horovod is not installed ({err}); {SETUP_HINT}"
+        from disttrain.install import INSTALL_HINT
+        return False, f"Horovod is not installed ({err}); {INSTALL_HINT}"
     controllers = [name for name, built in (("MPI", mpi_built()), ("Gloo", gloo_built())) if built]
     missing = [name for name in ("MPI", "Gloo") if name not in controllers]
     note = f"controllers: {', '.join(controllers) or 'none'}"
     if missing:
-        note += f" (built without {', '.join(missing)}; rebuild with scripts/build_horovod.sh)"
+        note += f" (built without {', '.join(missing)}; rebuild with `disttrain install-horovod`)"
     if "MPI" in controllers and not shutil.which("mpirun"):
         note += "; mpirun is not on PATH (apt-get install openmpi-bin)"
     return bool(controllers), note
@@ -58,7 +63,7 @@ def info(out=sys.stdout) -> int:
         ("single", True, "always"),
         ("mirrored", True, f"{len(gpus)} GPU(s)" if len(gpus) > 1 else
          "on logical CPU devices (cpu_replicas=N); fewer than 2 GPUs visible"),
-        ("multiworker", True, "needs TF_CONFIG (set by `disttrain launch --tf-config`, launch/ scripts or you)"),
+        ("multiworker", True, "needs TF_CONFIG (set by `disttrain launch`, launch/ scripts or you) or mpirun + mpi4py"),
         ("horovod", hvd_ok, hvd_note),
     ]
     w("backends")
@@ -68,40 +73,131 @@ def info(out=sys.stdout) -> int:
     return 0
 
 
-def launch(args: argparse.Namespace) -> int:
-    command = list(args.command)
-    if command and command[0] == "--":
-        command = command[1:]
-    if command and command[0].endswith(".py"):
-        command = [sys.executable] + command
-    if args.horovod:
-        horovodrun = shutil.which("horovodrun")
-        if not horovodrun:
-            from disttrain.backends.horovod import SETUP_HINT
-            print(f"disttrain launch: horovodrun not found; {SETUP_HINT}", file=sys.stderr)
-            return 2
-        return subprocess.call([horovodrun, "-np", str(args.num_workers), "--gloo"] + command)
-    from disttrain.launch import launch_tf_config
+def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from disttrain.launcher import launch
+    from disttrain.launcher.hosts import Host, parse_hosts, read_hostfile
 
-    return launch_tf_config(command, num_workers=args.num_workers, timeout=args.timeout)
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        parser.error("the training script is missing: disttrain launch [options] script.py [args ...]")
+    if command[0].endswith(".py"):
+        if not os.path.isfile(command[0]):
+            parser.error(f"script {command[0]!r} does not exist (looked in {os.getcwd()})")
+        command = [sys.executable] + command
+    try:
+        hosts = (parse_hosts(args.hosts) if args.hosts else read_hostfile(args.hostfile) if args.hostfile
+                 else [Host("localhost", args.num_workers or 2)])
+    except (ValueError, OSError) as err:
+        parser.error(str(err))
+    num_workers = args.num_workers or sum(h.slots for h in hosts)
+    try:
+        return launch(command, backend=args.backend, hosts=hosts, num_workers=num_workers,
+                      max_restarts=args.max_restarts, grace_period=args.grace_period, stop_timeout=args.stop_timeout,
+                      timeout=args.timeout, startup_timeout=args.startup_timeout, ssh=args.ssh)
+    except (ValueError, ImportError, RuntimeError) as err:
+        print(f"disttrain launch: {err}", file=sys.stderr)
+        return 2
+
+
+def _install_horovod(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from disttrain.install import install_horovod
+
+    return install_horovod(gpu=args.gpu, cache=args.cache, dry_run=args.dry_run)
+
+
+def _slurm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from disttrain.launcher import slurm
+
+    try:
+        if args.what == "tf-config":
+            print(slurm.tf_config(port=args.port))
+        else:
+            print(slurm.horovod_hosts())
+    except (KeyError, ValueError) as err:
+        parser.error(str(err))
+    return 0
+
+
+def _positive(kind):
+    def convert(text: str):
+        value = kind(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{text} is negative; give a value >= 0")
+        return value
+    return convert
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="disttrain", description="Distributed TensorFlow 2 custom training loops.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version('disttrain') or 'dev'}",
+                        help="print the version and exit")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    sub.add_parser("info", help="versions, devices and which backends can run here",
+                   description="Print versions, devices and which backends can run here (and why not).")
+
+    p = sub.add_parser("launch", help="run a training script as N workers, here or on several hosts",
+                       description="Run a training script as N workers (MultiWorkerMirrored with TF_CONFIG, or "
+                                   "Horovod ranks with Gloo), on this machine or on hosts reached by ssh. Watches "
+                                   "every worker: one failing stops the others; SIGTERM/SIGINT are forwarded. "
+                                   "Prints the exact command of each worker. See docs/launch.md.")
+    p.add_argument("-n", "--num-workers", type=int, default=None, metavar="N",
+                   help="number of workers (default: the slots of -H/--hostfile, else 2)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("-H", "--hosts", metavar="HOST:SLOTS,...",
+                       help="hosts and their worker slots, e.g. host1:2,host2:2 (default: localhost)")
+    where.add_argument("--hostfile", metavar="FILE", help="file with one 'host slots=N' (or host:N) line per host")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--backend", choices=("multiworker", "horovod"), default="multiworker",
+                      help="multiworker: TF_CONFIG per worker (default); horovod: Horovod ranks with Gloo")
+    mode.add_argument("--tf-config", dest="backend", action="store_const", const="multiworker",
+                      help="same as --backend multiworker")
+    mode.add_argument("--horovod", dest="backend", action="store_const", const="horovod",
+                      help="same as --backend horovod")
+    p.add_argument("--max-restarts", type=_positive(int), default=0, metavar="N",
+                   help="after a worker fails, restart all workers up to N times; they resume from their last "
+                        "checkpoint (default 0)")
+    p.add_argument("--grace-period", type=_positive(float), default=60.0, metavar="S",
+                   help="seconds between forwarding SIGTERM/SIGINT to the workers (or one exiting preempted) and "
+                        "SIGKILL, for the preemption checkpoint (default 60)")
+    p.add_argument("--stop-timeout", type=_positive(float), default=5.0, metavar="S",
+                   help="after one worker failed: seconds between SIGTERM and SIGKILL for the others (default 5)")
+    p.add_argument("--startup-timeout", type=_positive(float), default=None, metavar="S",
+                   help="seconds a worker waits for its peers at start-up before it fails naming the missing ones "
+                        "(sets DISTTRAIN_STARTUP_TIMEOUT; default 300)")
+    p.add_argument("--timeout", type=_positive(float), default=None, metavar="S",
+                   help="stop every worker after S seconds in all and exit with 124 (default: no limit)")
+    p.add_argument("--ssh", default=DEFAULT_SSH, metavar="COMMAND",
+                   help=f"remote shell for other hosts (default: {DEFAULT_SSH!r})")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="script.py [args ...]",
+                   help="the training script (run with this Python) or any command, and its arguments")
+    p.set_defaults(run=_launch, subparser=p)
+
+    p = sub.add_parser("install-horovod", help="build and install Horovod for this Python (cached)",
+                       description="Build Horovod 0.28.1 from source for this Python and TensorFlow (patched for "
+                                   "TF >= 2.16) and install it; the wheel is cached, so later installs take seconds.")
+    p.add_argument("--gpu", action="store_true", help="build NCCL GPU operations (needs CUDA and NCCL)")
+    p.add_argument("--cache", metavar="DIR", default=None, help="wheel cache (default ~/.cache/disttrain)")
+    p.add_argument("--dry-run", action="store_true", help="print the build command without running it")
+    p.set_defaults(run=_install_horovod, subparser=p)
+
+    p = sub.add_parser("slurm", help="TF_CONFIG or a Horovod host list from SLURM's variables",
+                       description="Inside a SLURM job step: print this task's TF_CONFIG, or the host list "
+                                   "host1:N,host2:N of the step for horovodrun -H. Used by launch/*.sbatch.")
+    p.add_argument("what", choices=("tf-config", "hosts"), help="tf-config: this task's TF_CONFIG; hosts: -H list")
+    p.add_argument("--port", type=int, default=12345, metavar="PORT",
+                   help="first port of the workers on each node; the i-th task of a node uses PORT+i (default 12345)")
+    p.set_defaults(run=_slurm, subparser=p)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="disttrain", description="distributed TF2 custom training loops")
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("info", help="versions, devices and usable backends")
-    p = sub.add_parser("launch", help="run a training script as N local processes")
-    p.add_argument("-n", "--num-workers", type=int, default=2)
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--tf-config", action="store_true", default=True,
-                      help="MultiWorkerMirroredStrategy workers with TF_CONFIG on localhost (default)")
-    mode.add_argument("--horovod", action="store_true", help="Horovod ranks via horovodrun --gloo")
-    p.add_argument("--timeout", type=float, default=None, help="kill every worker after this many seconds")
-    p.add_argument("command", nargs=argparse.REMAINDER, help="script.py [args...]")
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.cmd == "info":
         return info()
-    return launch(args)
+    return args.run(args.subparser, args)
 
 
 if __name__ == "__main__":

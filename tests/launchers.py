@@ -15,6 +15,7 @@ EXAMPLES = ROOT / "examples"
 BIN = Path(sys.executable).parent
 
 #: (name, launcher) pairs every cross-backend test runs over; the mpirun row needs OpenMPI.
+#: ("multiworker-mpi", MultiWorker under mpirun, is an extra launcher of tests/test_multihost.py.)
 BACKENDS = ["single", "mirrored", "multiworker", "horovod-gloo", "horovod-mpi"]
 
 
@@ -55,7 +56,7 @@ def command_for(backend: str, script: Path | str, args: list[str], *, np: int = 
     if backend == "horovod-gloo":
         return [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}", "--gloo"] + py + \
             name("horovod") + args, env
-    if backend == "horovod-mpi":
+    if backend in ("horovod-mpi", "multiworker-mpi"):  # multiworker-mpi: TF_CONFIG formed with mpi4py
         mpirun = shutil.which("mpirun") or "mpirun"
         exports = []
         for key in ("TF_CPP_MIN_LOG_LEVEL", "DISTTRAIN_THREADS", "OMP_NUM_THREADS", "TF_ENABLE_ONEDNN_OPTS",
@@ -64,7 +65,7 @@ def command_for(backend: str, script: Path | str, args: list[str], *, np: int = 
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                    OMPI_MCA_btl_vader_single_copy_mechanism="none")
         return [mpirun, "-np", str(np), "--oversubscribe", "--bind-to", "none"] + exports + py + \
-            name("horovod") + args, env
+            name(backend.split("-")[0]) + args, env
     raise ValueError(backend)
 
 

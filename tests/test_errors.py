@@ -45,11 +45,11 @@ def test_unbuilt_model_and_missing_eval_step(messages):
     assert "eval_step" in messages["no_eval_step"]
 
 
-def test_horovod_missing_names_the_setup_command(monkeypatch):
+def test_horovod_missing_names_the_install_command(monkeypatch):
     from disttrain.backends import horovod as horovod_backend
 
     monkeypatch.setitem(sys.modules, "horovod.tensorflow", None)  # makes the import fail
-    with pytest.raises(ImportError, match=r"Horovod .* not installed .*run scripts/setup.sh"):
+    with pytest.raises(ImportError, match=r"Horovod .* not installed .*install it with `disttrain install-horovod`"):
         horovod_backend.import_horovod()
 
 

@@ -1,11 +1,20 @@
-"""launch/local.sh starts N processes whose backend is detected from the launcher (--backend auto)."""
+"""Launchers: launch/local.sh, and `disttrain launch` watching, stopping and restarting real processes.
+
+The `disttrain launch` cases use tests/workers/launch_probe.py, a worker without TensorFlow, so each
+launch takes about a second; every one runs under a hard timeout and asserts the launcher's messages.
+The end-to-end restart of a checkpointed TensorFlow run is in tests/test_restart.py.
+"""
 
 import json
+import signal
 import subprocess
+import time
 
 import pytest
 
-from launchers import ROOT, WORKERS, base_env
+from launchers import BIN, ROOT, WORKERS, _kill_tree, base_env
+
+PROBE = WORKERS / "launch_probe.py"
 
 
 @pytest.mark.parametrize("mode,backend", [("mpi", "horovod"), ("tf-config", "multiworker")])
@@ -28,3 +37,145 @@ def test_local_launcher_rejects_bad_arguments():
     proc = subprocess.run([str(ROOT / "launch" / "local.sh"), "mpi", "two", "x.py"], capture_output=True,
                           text=True, timeout=30)
     assert proc.returncode == 2 and "N must be a positive integer, got 'two'" in proc.stderr
+
+
+# -- disttrain launch ---------------------------------------------------------------------------------
+def start(tmp_path, *options, mode="sleep", probe=()):
+    """Starts `disttrain launch OPTIONS launch_probe.py --out tmp_path --mode MODE PROBE...`."""
+    cmd = [str(BIN / "disttrain"), "launch", *options, str(PROBE), "--out", str(tmp_path), "--mode", mode, *probe]
+    return subprocess.Popen(cmd, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def finish(proc, timeout):
+    """The launcher's (returncode, stdout, stderr); kills its whole tree and fails on a timeout."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc.pid)
+        out, err = proc.communicate()
+        raise AssertionError(f"disttrain launch did not finish in {timeout}s\n{out[-2000:]}\n{err[-3000:]}") from None
+    return proc.returncode, out, err
+
+
+def wait_for(paths, timeout=60):
+    deadline = time.monotonic() + timeout
+    while not all(p.exists() and p.read_text() for p in paths):
+        assert time.monotonic() < deadline, f"not written within {timeout}s: {[str(p) for p in paths]}"
+        time.sleep(0.05)
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def pids(tmp_path, n):
+    return [int((tmp_path / f"pid{r}").read_text()) for r in range(n)]
+
+
+def test_a_failed_worker_stops_the_others_and_its_code_is_returned(tmp_path):
+    # workers 0 and 2 ignore SIGTERM, as a peer stuck in a collective would: only SIGKILL ends them
+    proc = start(tmp_path, "-n", "3", "--stop-timeout", "2", mode="fail", probe=["--rank-fails", "1", "--code", "3"])
+    code, out, err = finish(proc, timeout=60)
+    assert code == 3, err
+    assert "disttrain launch: worker 1 on localhost failed with exit code 3; stopping the other workers" in err
+    assert "worker 0 on localhost has not exited 2s after the stop request; SIGKILL" in err
+    assert "exit codes: worker 0: 137 (SIGKILL), worker 1: 3, worker 2: 137 (SIGKILL)" in err
+    assert not any(alive(pid) for pid in pids(tmp_path, 3))
+    # the exact command of each worker is printed, with its TF_CONFIG
+    config = json.loads((tmp_path / "env2.0.json").read_text())["TF_CONFIG"]
+    assert f"worker 2 on localhost: TF_CONFIG='{config}' {BIN / 'python'} -m disttrain.launcher.guard" in err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signals_are_forwarded_and_preempted_workers_return_42(sig, tmp_path):
+    proc = start(tmp_path, "-n", "2", probe=["--save-seconds", "1"])
+    wait_for([tmp_path / "pid0", tmp_path / "pid1"])
+    proc.send_signal(sig)
+    code, out, err = finish(proc, timeout=60)
+    assert code == 42, err
+    assert (f"disttrain launch: {sig.name} received: forwarded {sig.name} to 2 worker(s); SIGKILL in 60s if they "
+            "have not exited (--grace-period)") in err
+    assert all((tmp_path / f"signal{r}").read_text().startswith(sig.name) for r in range(2))
+    assert (tmp_path / "saved0").exists() and (tmp_path / "saved1").exists()
+    assert "[0] probe rank 0: " + sig.name + ", saving" in out
+    assert not any(alive(pid) for pid in pids(tmp_path, 2))
+
+
+def test_workers_that_outlast_the_grace_period_are_killed(tmp_path):
+    proc = start(tmp_path, "-n", "2", "--grace-period", "2", probe=["--save-seconds", "600"])
+    wait_for([tmp_path / "pid0", tmp_path / "pid1"])
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = finish(proc, timeout=60)
+    assert code == 137, err
+    assert "worker 0 on localhost has not exited 2s after the stop request; SIGKILL" in err
+    assert "exit codes: worker 0: 137 (SIGKILL), worker 1: 137 (SIGKILL)" in err
+    assert not any(alive(pid) for pid in pids(tmp_path, 2)) and not (tmp_path / "saved0").exists()
+
+
+def test_kill_9_of_the_launcher_leaves_no_worker_running(tmp_path):
+    proc = start(tmp_path, "-n", "2", "--grace-period", "3", probe=["--save-seconds", "1"])
+    wait_for([tmp_path / "pid0", tmp_path / "pid1"])
+    workers = pids(tmp_path, 2)
+    proc.kill()
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 60
+    while any(alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in workers), "a worker outlived its launcher"
+    # they were asked to stop first (SIGTERM), so they could save
+    assert all((tmp_path / f"signal{r}").read_text().startswith("SIGTERM") for r in range(2))
+    assert (tmp_path / "saved0").exists() and (tmp_path / "saved1").exists()
+
+
+@pytest.mark.parametrize("backend", ["multiworker", "horovod"])
+def test_max_restarts_relaunches_every_worker_after_a_failure(backend, tmp_path):
+    proc = start(tmp_path, "-n", "2", "--backend", backend, "--max-restarts", "2", mode="fail-once",
+                 probe=["--rank-fails", "1", "--code", "5"])
+    code, out, err = finish(proc, timeout=120)
+    assert code == 0, err
+    assert "worker 1 on localhost failed with exit code 5; stopping the other workers" in err
+    assert "restarting all 2 workers (restart 1 of 2); they resume from their last checkpoint" in err
+    assert "restart 2 of 2" not in err
+    assert sorted(p.name for p in tmp_path.glob("done*")) == ["done0.1", "done1.1"]
+    first, second = (json.loads((tmp_path / f"env0.{a}.json").read_text()) for a in (0, 1))
+    if backend == "horovod":
+        assert first["HOROVOD_RANK"] == "0" and first["HOROVOD_SIZE"] == "2"
+        assert first["HOROVOD_CONTROLLER"] == "gloo" and first["HOROVOD_GLOO_IFACE"] == "lo"
+        key = "HOROVOD_GLOO_RENDEZVOUS_PORT"  # a new rendezvous server for the restart
+    else:
+        key = "TF_CONFIG"  # new ports for the restart
+    assert first[key] != second[key]
+
+
+def test_without_restarts_left_the_launcher_gives_up(tmp_path):
+    proc = start(tmp_path, "-n", "2", "--max-restarts", "1", "--stop-timeout", "1", mode="fail",
+                 probe=["--rank-fails", "0", "--code", "7"])
+    code, out, err = finish(proc, timeout=120)
+    assert code == 7, err
+    assert err.count("worker 0 on localhost failed with exit code 7") == 2
+    assert "giving up after 1 restart(s) (--max-restarts 1)" in err
+
+
+def test_host_lists_and_host_files_fill_slots_in_order(tmp_path):
+    from disttrain.launcher.hosts import Host, assign_slots, parse_hosts, read_hostfile
+
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# cluster\nnode1 slots=2\nnode2:2\n\nnode3\n")
+    assert read_hostfile(str(hostfile)) == [Host("node1", 2), Host("node2", 2), Host("node3", 1)]
+    assert parse_hosts("node1:2,node2:2,node3") == read_hostfile(str(hostfile))
+    slots = assign_slots(parse_hosts("a:2,b:2"), num_workers=3)
+    assert [(s.rank, s.host, s.local_rank, s.local_size, s.cross_rank, s.cross_size) for s in slots] == [
+        (0, "a", 0, 2, 0, 2), (1, "a", 1, 2, 0, 1), (2, "b", 0, 1, 1, 2)]  # as horovodrun assigns them
+    with pytest.raises(ValueError, match=r"5 workers do not fit on 4 slots \(a:2, b:2\); add hosts or slots, or use -n 4"):
+        assign_slots(parse_hosts("a:2,b:2"), num_workers=5)
+    hostfile.write_text("node1 slots=two\n")
+    with pytest.raises(ValueError, match=r"hosts:1: cannot read 'node1 slots=two'; write 'host slots=N' or 'host:N'"):
+        read_hostfile(str(hostfile))
+    with pytest.raises(ValueError, match="host 'a' appears twice"):
+        parse_hosts("a:1,a:2")

@@ -6,13 +6,14 @@ import os
 from typing import Mapping
 
 from disttrain.backends.base import REDUCE_OPS, Backend, InputContext
+from disttrain.backends.rendezvous import MPI_SIZE_ENV
 from disttrain.backends.gradients import DEFAULT_BUCKET_MB, GradientOptions
 
 NAMES = ("single", "mirrored", "multiworker", "horovod")
 
 # Variables set by the launchers that start one process per rank.
 HOROVOD_ENV = ("HOROVOD_RANK",)  # horovodrun (gloo controller)
-MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "MV2_COMM_WORLD_SIZE")  # mpirun / horovodrun --mpi
+MPI_ENV = MPI_SIZE_ENV  # mpirun / horovodrun --mpi / srun with PMI
 
 _current: Backend | None = None
 

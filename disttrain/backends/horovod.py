@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from typing import Any, Callable
 
 import tensorflow as tf
 
 from disttrain.backends.base import Backend, InputContext
+from disttrain.backends.rendezvous import startup_timeout as _startup_timeout
+from disttrain.backends.rendezvous import under_mpi, wait_for_horovod_peers
+from disttrain.install import INSTALL_HINT as SETUP_HINT
 from disttrain.watchdog import TIMEOUT_ENV
-
-SETUP_HINT = ("run scripts/setup.sh in the disttrain checkout to build and install it (`make demo` and "
-              "`make test` run it too)")
 
 
 def import_horovod():
@@ -75,19 +76,26 @@ class HorovodBackend(Backend):
     ``HOROVOD_FUSION_THRESHOLD`` (bytes) and ``HOROVOD_CYCLE_TIME`` (ms), which ``horovodrun
     --fusion-threshold-mb/--cycle-time-ms`` also set. The arguments below override them.
 
+    Ranks started with Gloo first meet in the launcher's rendezvous server, so a rank that never comes is
+    named within ``startup_timeout`` seconds (and SIGTERM ends that wait). Started by plain ``python``
+    (no horovodrun, mpirun or ``disttrain launch``), it warns that it runs one process.
+
     Args:
       fusion_threshold_mb: Tensor fusion buffer in MiB (Horovod's default 128; 0 turns fusion off).
       cycle_time_ms: Milliseconds the background thread waits between fusion cycles (Horovod's
         default 1; larger fuses more, smaller lowers latency).
+      startup_timeout: Seconds to wait for the other ranks (default DISTTRAIN_STARTUP_TIMEOUT or 300).
 
     Raises:
-      ImportError: If Horovod is not installed; the message names the set-up command.
+      ImportError: If Horovod is not installed; the message names the install command.
       ValueError: For a negative fusion threshold or a non-positive cycle time.
+      TimeoutError: If a rank does not reach the rendezvous in time.
     """
 
     name = "horovod"
 
-    def __init__(self, *, fusion_threshold_mb: float | None = None, cycle_time_ms: float | None = None):
+    def __init__(self, *, fusion_threshold_mb: float | None = None, cycle_time_ms: float | None = None,
+                 startup_timeout: float | None = None):
         hvd = import_horovod()
         self._hvd = hvd
         env = horovod_env(fusion_threshold_mb=fusion_threshold_mb, cycle_time_ms=cycle_time_ms)
@@ -96,6 +104,12 @@ class HorovodBackend(Backend):
                              "create the backend first thing in the program")
         os.environ.update(env)
         os.environ.update(stall_check_env(os.environ))  # read by hvd.init()
+        if "HOROVOD_RANK" not in os.environ and not under_mpi():
+            sys.stderr.write("disttrain: warning: the horovod backend was started without horovodrun, mpirun or "
+                             "`disttrain launch --backend horovod`, so it runs ONE process (rank 0 of 1); launch "
+                             "it with e.g. `horovodrun -np 2 python script.py`\n")
+            sys.stderr.flush()
+        wait_for_horovod_peers(timeout=_startup_timeout(startup_timeout))
         hvd.init()
         gpus = tf.config.list_physical_devices("GPU")
         if gpus:

@@ -1,0 +1,226 @@
+"""Starts the workers of a plan, watches every one of them, stops and restarts them together.
+
+The rules (docs/launch.md has them as a table):
+
+* A worker that exits with a code other than 0 or 42 is a failure: the launcher names it and its code,
+  sends SIGTERM to the others and SIGKILL ``stop_timeout`` seconds later (a peer blocked in a collective
+  would otherwise wait forever). With restarts left it starts all workers again (they resume from their
+  last checkpoint); otherwise it returns that code.
+* A worker that exits with 42 was preempted and saved a checkpoint; the others stop at the same step by
+  themselves. The launcher waits up to ``grace_period`` seconds for them and returns 42. No restart: the
+  machines are going away; run the same command again to resume.
+* SIGTERM or SIGINT to the launcher is forwarded to every worker; after ``grace_period`` seconds the
+  ones still running get SIGKILL. A second signal kills them at once. The launcher returns 42 if the
+  workers exited with 42 (the preemption checkpoint is saved).
+* No worker outlives the launcher, even after ``kill -9`` of the launcher: see the guard
+  (:mod:`disttrain.launcher.guard`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Sequence
+
+from disttrain.launcher.plans import Plan, WorkerSpec
+
+#: Exit code of a worker that stopped for a preemption signal after saving (disttrain.PREEMPTION_EXIT_CODE).
+PREEMPTED = 42
+#: Exit code when the launcher's --timeout expires (as coreutils' timeout).
+TIMED_OUT = 124
+
+
+def describe_code(code: int) -> str:
+    """``3``, ``137 (SIGKILL)`` or ``42 (preempted, checkpoint saved)``."""
+    if code == PREEMPTED:
+        return f"{code} (preempted, checkpoint saved)"
+    if code > 128:
+        try:
+            return f"{code} ({signal.Signals(code - 128).name})"
+        except ValueError:
+            pass
+    return str(code)
+
+
+class _Worker:
+    def __init__(self, spec: WorkerSpec, proc: subprocess.Popen, pumps: list[threading.Thread]):
+        self.spec, self.proc, self.pumps = spec, proc, pumps
+        self.code: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"worker {self.spec.rank} on {self.spec.host}"
+
+    def send(self, request: str) -> None:
+        """Asks the guard to signal the worker (TERM, INT or KILL)."""
+        try:
+            self.proc.stdin.write(f"{request}\n".encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass
+
+
+class Supervisor:
+    """Runs plans of workers under the rules in this module's docstring.
+
+    Args:
+      grace_period: Seconds between forwarding SIGTERM/SIGINT (or a worker's preemption exit) and SIGKILL.
+      stop_timeout: Seconds between SIGTERM and SIGKILL for the other workers after one failed.
+      timeout: Seconds for the whole run (all restarts); None for no limit.
+      ssh: The remote-shell command for workers on other hosts.
+      env: Base environment of the workers (default ``os.environ``).
+      out, err: Where the workers' prefixed output and the launcher's messages go.
+    """
+
+    def __init__(self, *, grace_period: float = 60.0, stop_timeout: float = 5.0, timeout: float | None = None,
+                 ssh: Sequence[str] = ("ssh",), env: dict | None = None, out=None, err=None):
+        self.grace_period, self.stop_timeout, self.timeout = grace_period, stop_timeout, timeout
+        self.ssh = list(ssh)
+        self.env = dict(os.environ if env is None else env)
+        self.out, self.err = out or sys.stdout, err or sys.stderr
+        self._signals: list[int] = []
+        self._write_lock = threading.Lock()
+
+    def log(self, message: str) -> None:
+        with self._write_lock:
+            self.err.write(f"disttrain launch: {message}\n")
+            self.err.flush()
+
+    def run(self, make_plan: Callable[[], Plan], *, max_restarts: int = 0) -> int:
+        """Runs the workers of ``make_plan()`` (made again for each restart); returns the launcher's exit code."""
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                handlers[sig] = signal.signal(sig, lambda signum, frame: self._signals.append(signum))
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        try:
+            for attempt in range(max_restarts + 1):
+                plan = make_plan()
+                try:
+                    failed, code = self._run_once(plan, deadline)
+                finally:
+                    plan.close()
+                if not failed or self._signals or attempt == max_restarts:
+                    if failed and max_restarts:
+                        self.log(f"giving up after {attempt} restart(s) (--max-restarts {max_restarts})")
+                    return code
+                self.log(f"restarting all {len(plan.workers)} workers (restart {attempt + 1} of {max_restarts}); "
+                         "they resume from their last checkpoint")
+            raise AssertionError("unreachable")
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    # -- one start of all workers ---------------------------------------------------------------
+    def _start(self, spec: WorkerSpec) -> _Worker:
+        argv = spec.argv(ssh=self.ssh, grace=self.grace_period, base_env=self.env)
+        self.log(f"worker {spec.rank} on {spec.host}: {spec.describe(argv)}")
+        env = {**self.env, **spec.env} if spec.local else self.env
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, start_new_session=True)
+        pumps = [threading.Thread(target=self._pump, args=(stream, f"[{spec.rank}] ", target), daemon=True)
+                 for stream, target in ((proc.stdout, self.out), (proc.stderr, self.err))]
+        for pump in pumps:
+            pump.start()
+        return _Worker(spec, proc, pumps)
+
+    def _pump(self, stream, prefix: str, target) -> None:
+        for line in iter(stream.readline, b""):
+            with self._write_lock:
+                target.write(prefix + line.decode(errors="replace"))
+                target.flush()
+
+    def _run_once(self, plan: Plan, deadline: float | None) -> tuple[bool, int]:
+        """Returns ``(failed, exit_code)``; ``failed`` means a worker failed (a restart may help)."""
+        workers = [self._start(spec) for spec in plan.workers]
+        mode, kill_at, failure, stop_since = "running", None, None, 0.0
+        handled_signals = 0
+        order: list[_Worker] = []  # in the order they exited
+        try:
+            while True:
+                now = time.monotonic()
+                for w in workers:
+                    if w.code is None and w.proc.poll() is not None:
+                        w.code = w.proc.returncode if w.proc.returncode >= 0 else 128 - w.proc.returncode
+                        order.append(w)
+                        if mode == "running" and w.code == PREEMPTED:
+                            mode, kill_at, stop_since = "preempted", now + self.grace_period, now
+                            self.log(f"{w.name} exited with code {describe_code(w.code)}; waiting up to "
+                                     f"{self.grace_period:g}s for the others to save and exit")
+                        elif mode == "running" and w.code != 0:
+                            mode, kill_at, failure, stop_since = "failed", now + self.stop_timeout, w, now
+                            self.log(f"{w.name} failed with exit code {describe_code(w.code)}; stopping the "
+                                     "other workers")
+                            self._send_alive(workers, "TERM")
+                alive = [w for w in workers if w.code is None]
+                if not alive:
+                    break
+                if len(self._signals) > handled_signals:
+                    handled_signals = len(self._signals)
+                    name = signal.Signals(self._signals[-1]).name
+                    if handled_signals == 1 and mode in ("running", "preempted"):
+                        mode, kill_at, stop_since = "signalled", now + self.grace_period, now
+                        request = "INT" if self._signals[-1] == signal.SIGINT else "TERM"
+                        self.log(f"{name} received: forwarded SIG{request} to {len(alive)} worker(s); SIGKILL "
+                                 f"in {self.grace_period:g}s if they have not exited (--grace-period)")
+                        self._send_alive(workers, request)
+                    elif handled_signals == 1:
+                        self.log(f"{name} received while the workers are being stopped; SIGKILL on schedule")
+                    else:
+                        self.log(f"{name} received again: killing the workers now")
+                        kill_at = now
+                if mode == "running" and deadline is not None and now > deadline:
+                    mode, kill_at, stop_since = "timeout", now + self.stop_timeout, now
+                    self.log(f"timeout after {self.timeout:g}s (--timeout); stopping the workers")
+                    self._send_alive(workers, "TERM")
+                if kill_at is not None and now >= kill_at:
+                    for w in alive:
+                        self.log(f"{w.name} has not exited {now - stop_since:.0f}s after the stop request; SIGKILL")
+                        w.send("KILL")
+                    kill_at = None
+                    threading.Thread(target=self._reap, args=(alive,), daemon=True).start()
+                time.sleep(0.05)
+        finally:
+            for w in workers:  # never leave one behind, even on an exception here
+                if w.proc.poll() is None:
+                    w.send("KILL")
+                    self._reap([w])
+                for pump in w.pumps:
+                    pump.join(timeout=5)
+                if w.proc.stdin:
+                    w.proc.stdin.close()
+        codes = [w.code for w in workers]
+        if mode == "timeout":
+            return False, TIMED_OUT
+        if mode == "failed":
+            if len(workers) > 1:
+                self.log("exit codes: " + ", ".join(f"worker {w.spec.rank}: {describe_code(w.code)}" for w in workers))
+            return True, failure.code
+        if all(c == 0 for c in codes):
+            return False, 0
+        if all(c in (0, PREEMPTED) for c in codes):
+            return False, PREEMPTED
+        first = next(w for w in order if w.code not in (0, PREEMPTED))
+        self.log("exit codes: " + ", ".join(f"worker {w.spec.rank}: {describe_code(w.code)}" for w in workers))
+        return False, first.code
+
+    def _send_alive(self, workers: list[_Worker], request: str) -> None:
+        for w in workers:
+            if w.code is None:
+                w.send(request)
+
+    def _reap(self, workers: list[_Worker], wait: float = 5.0) -> None:
+        """After KILL was requested: if a guard has not exited ``wait`` seconds later, kill it (and so its worker)."""
+        end = time.monotonic() + wait
+        for w in workers:
+            try:
+                w.proc.wait(timeout=max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(w.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass

@@ -1,0 +1,74 @@
+"""A worker for launcher tests that needs no TensorFlow: it records itself, then behaves as told.
+
+    launch_probe.py --out DIR --mode MODE [--rank-fails R] [--code C] [--save-seconds S]
+
+Its rank comes from TF_CONFIG (multiworker), HOROVOD_RANK (horovod) or OMPI_COMM_WORLD_RANK (mpirun). It writes DIR/pid<rank> (its
+pid) and DIR/env<rank>.json (its launcher variables), then:
+  sleep      sleeps until signalled; SIGTERM/SIGINT: writes DIR/signal<rank> (signal name and time),
+             sleeps --save-seconds (a checkpoint save), writes DIR/saved<rank>, exits 42 (as a preempted
+             disttrain worker does)
+  fail       rank --rank-fails exits with --code after 1 s; the others sleep, IGNORING SIGTERM (a peer
+             stuck in a collective), so only SIGKILL ends them
+  fail-once  rank --rank-fails exits with --code if DIR/failed-once does not exist yet (and creates
+             it); then every rank writes DIR/done<rank>.<attempt> and exits 0
+"""
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--out", required=True)
+parser.add_argument("--mode", choices=("sleep", "fail", "fail-once"), required=True)
+parser.add_argument("--rank-fails", type=int, default=1)
+parser.add_argument("--code", type=int, default=3)
+parser.add_argument("--save-seconds", type=float, default=1.0)
+args = parser.parse_args()
+
+if os.environ.get("TF_CONFIG"):
+    rank = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+elif "HOROVOD_RANK" in os.environ:
+    rank = int(os.environ["HOROVOD_RANK"])
+else:
+    rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
+attempt = len([f for f in os.listdir(args.out) if f.startswith(f"env{rank}")])
+with open(os.path.join(args.out, f"env{rank}.{attempt}.json"), "w") as f:
+    json.dump({k: v for k, v in os.environ.items() if k.startswith(("TF_CONFIG", "HOROVOD_", "DISTTRAIN_"))}, f)
+with open(os.path.join(args.out, f"pid{rank}"), "w") as f:
+    f.write(str(os.getpid()))
+print(f"probe rank {rank} attempt {attempt} ready", flush=True)
+
+
+def preempted(signum, frame):
+    with open(os.path.join(args.out, f"signal{rank}"), "w") as f:
+        f.write(f"{signal.Signals(signum).name} {time.time()}")
+    print(f"probe rank {rank}: {signal.Signals(signum).name}, saving", flush=True)
+    time.sleep(args.save_seconds)
+    open(os.path.join(args.out, f"saved{rank}"), "w").close()
+    sys.exit(42)
+
+
+if args.mode == "sleep":
+    signal.signal(signal.SIGTERM, preempted)
+    signal.signal(signal.SIGINT, preempted)
+    while True:
+        time.sleep(1)
+elif args.mode == "fail":
+    if rank == args.rank_fails:
+        time.sleep(1)
+        print(f"probe rank {rank}: failing with {args.code}", flush=True)
+        sys.exit(args.code)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    while True:
+        time.sleep(1)
+else:
+    marker = os.path.join(args.out, "failed-once")
+    if rank == args.rank_fails and not os.path.exists(marker):
+        open(marker, "w").close()
+        time.sleep(0.5)
+        sys.exit(args.code)
+    time.sleep(2)
+    open(os.path.join(args.out, f"done{rank}.{attempt}"), "w").close()
