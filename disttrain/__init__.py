@@ -24,6 +24,7 @@ _NAMES = {
     "detect": "disttrain.backends", "get_backend": "disttrain.backends",
     "Callback": "disttrain.callbacks", "current_learning_rate": "disttrain.callbacks",
     "Checkpointing": "disttrain.checkpoint",
+    "DriftError": "disttrain.drift", "NonFiniteError": "disttrain.nonfinite", "STALL_EXIT_CODE": "disttrain.watchdog",
     "PREEMPTION_EXIT_CODE": "disttrain.preemption", "Preempted": "disttrain.preemption",
     "StepContext": "disttrain.step_context",
     "Trainer": "disttrain.trainer",
@@ -56,6 +57,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     from disttrain.backends import Backend, GradientOptions, InputContext, detect, get_backend  # noqa: F401
     from disttrain.callbacks import Callback, current_learning_rate  # noqa: F401
     from disttrain.checkpoint import Checkpointing  # noqa: F401
+    from disttrain.drift import DriftError  # noqa: F401
+    from disttrain.nonfinite import NonFiniteError  # noqa: F401
+    from disttrain.watchdog import STALL_EXIT_CODE  # noqa: F401
     from disttrain.preemption import PREEMPTION_EXIT_CODE, Preempted  # noqa: F401
     from disttrain.progress import JsonLinesLogger, ProgressBar  # noqa: F401
     from disttrain.step_context import StepContext  # noqa: F401

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
 
 import keras
 import numpy as np
@@ -48,10 +48,16 @@ class Callback:
         pass
 
 
-def dispatch(callbacks: Sequence[Callback], hook: str, trainer: "Trainer", *args: Any) -> None:
-    """Calls ``callback.<hook>(trainer, *args)`` on every callback, in order."""
+def dispatch(callbacks: Sequence[Callback], hook: str, trainer: "Trainer", *args: Any,
+             phase: Callable[[str], ContextManager] | None = None) -> None:
+    """Calls ``callback.<hook>(trainer, *args)`` on every callback, in order; each call inside
+    ``phase("<Callback class>.<hook>")`` when given (the stall watchdog's timed phase)."""
     for callback in callbacks:
-        getattr(callback, hook)(trainer, *args)
+        if phase is None:
+            getattr(callback, hook)(trainer, *args)
+            continue
+        with phase(f"{type(callback).__name__}.{hook}"):
+            getattr(callback, hook)(trainer, *args)
 
 
 def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:

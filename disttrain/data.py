@@ -7,17 +7,20 @@ A *source* says what to read and how to shard it (see :func:`from_dataset`, :fun
   ``[k*G + r*b, k*G + (r+1)*b)`` of the (optionally shuffled) stream at step k, which is precisely its
   slice of the single-device global batch k. Runs on N replicas compute the gradients of one device.
 * ``sharding="files"``: pipeline i reads files ``i, i+P, i+2P, ...`` (P pipelines) of the (per epoch
-  shuffled) file list, interleaved in parallel: no pipeline reads another's data. Pipelines may hold
-  different numbers of examples; the ranks agree on the number of steps through the backend's
-  all-reduce, so nobody waits forever for a peer that ran out of data. With fewer files than
-  pipelines it warns and falls back to element sharding.
+  shuffled) file list, interleaved in parallel, balanced with its neighbours so that every pipeline
+  gets N // P or N // P + 1 of the N records (a file on a boundary is split between two pipelines; see
+  :func:`disttrain.pipelines.file_ranges`): every record is read by exactly one pipeline. The ranks
+  agree on the number of steps through the backend's all-reduce, so nobody waits forever for a peer
+  that ran out of data. With fewer files than pipelines it warns and falls back to element sharding.
 * ``sharding="off"``: every pipeline reads all the data (synthetic data, or data that is already
   per-worker).
 
 The last partial batch of an epoch (``remainder``):
 
-* ``"drop"`` (training default): only full global batches are used; with file sharding, every rank
-  runs the smallest step count of any rank (the longer pipelines' extra batches are skipped this epoch).
+* ``"drop"`` (training default): only full global batches are used: fewer than one global batch of
+  examples is left out per epoch, with element and file sharding alike (every rank runs the smallest
+  step count of any rank; a ``dataset_fn`` of your own whose pipelines differ in length more than
+  that leaves the longer ones' extra batches out).
 * ``"pad"`` (evaluation default): batches are padded to full size with zero examples and every batch
   gains a float32 ``mask`` (1 = real example, 0 = padding): a tuple ``(x, y)`` becomes
   ``(x, y, mask)`` (the Keras ``sample_weight`` position), a dict gains the key ``"mask"``, a lone
@@ -43,7 +46,7 @@ import tensorflow as tf
 from disttrain.backends.base import InputContext
 from disttrain.data_checks import check_matches_model, check_unbatched
 from disttrain.pipelines import (CHUNK, MASK_KEY, check_choice, count_records, element_sharded,
-                                 file_share, file_sharded, local_stream, mask_of, read_files)
+                                 file_ranges, file_sharded, local_stream, mask_of, read_files)
 from disttrain.shards import batch_decoder, list_shards, shard_info
 
 SHARDINGS = ("auto", "files", "elements", "off")
@@ -116,7 +119,7 @@ class Source:
         elif self.counts is None:
             return None
         elif mode == "files":
-            size = sum(self.counts[i] for i in file_share(len(self.files), context, seed=seed, epoch=epoch))
+            size = sum(take for _, _, take in file_ranges(self.counts, context, seed=seed, epoch=epoch))
         else:
             size = sum(self.counts)
         if size == tf.data.INFINITE_CARDINALITY:
@@ -124,6 +127,10 @@ class Source:
         if size < 0:
             return None
         total = sum(self.counts) if self.files is not None else size
+        if total == 0:
+            raise ValueError(f"the dataset is empty (0 examples{f' in {len(self.files)} file(s)' if self.files else ''}); "
+                             "there is nothing to train or evaluate on: check the data source (e.g. a filter "
+                             "that drops everything, or files without records)")
         if remainder == "drop" and mode != "off" and total < context.global_batch_size:
             raise ValueError(f"global batch {context.global_batch_size} is larger than the dataset ({total} "
                              f"examples); use a global batch of at most {total}, or remainder='pad'")

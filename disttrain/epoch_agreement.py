@@ -17,6 +17,7 @@ import tensorflow as tf
 
 from disttrain.backends.base import Backend, InputContext
 from disttrain.data import INFINITE_STEPS, as_source
+from disttrain.data_checks import raise_spec_mismatch, spec_hash
 from disttrain.pipelines import REMAINDERS, check_choice, pipeline_options
 
 
@@ -38,12 +39,15 @@ class EpochInput:
         then call :meth:`next_agreed` before every step, which stops all processes together.
       iterator: Iterator of step inputs (what ``backend.run`` takes).
       masked: The batches carry a padding mask (``remainder="pad"``): see :func:`disttrain.data.mask_of`.
+      element_spec: What every rank agreed it feeds: the examples' spec, or the per-replica batches' of a
+        ``dataset_fn`` (None when unknown).
     """
 
     def __init__(self, *, backend: Backend, iterator: Any, steps: int | None, max_steps: int | None,
-                 masked: bool = False):
+                 masked: bool = False, element_spec: Any = None):
         self.backend, self.iterator, self.steps, self.max_steps = backend, iterator, steps, max_steps
         self.masked = masked  # batches carry a padding mask (see mask_of)
+        self.element_spec = element_spec
         self._taken = 0
 
     def next_agreed(self) -> Any | None:
@@ -109,19 +113,28 @@ def epoch_input(backend: Backend, data: Any, *, global_batch_size: int, epoch: i
     source = as_source(data)
     if source is None:
         build = data
-        local = _local_steps(data(context), context)
+        built = data(context)
+        local, spec, what = _local_steps(built, context), built.element_spec, "per-replica batches"
         padded = False
     else:
         def build(ctx, pad_to_steps=None):
             return source.build(ctx, seed=seed, epoch=epoch, remainder=remainder, pad_to_steps=pad_to_steps)
 
         local = source.local_steps(context, seed=seed, epoch=epoch, remainder=remainder)
+        spec, what = source.element_spec, "examples"
         if local is None:
-            local = _local_steps(build(context), context)
+            built = build(context)
+            local = _local_steps(built, context)
+            if spec is None:
+                spec, what = built.element_spec, "per-replica batches"
         padded = remainder == "pad"
-    # One all-reduce: min of [-unknown, steps, -steps] = [-any unknown, min steps, -max steps].
+    # One all-reduce: min of [-unknown, steps, -steps, hash, -hash] = [-any unknown, min steps, -max steps,
+    # min hash, -max hash] of the element specs: the ranks agree on the length and see whether they feed alike.
+    digest = spec_hash(spec)
     agreed = backend.all_reduce(np.array([-(local is None), local or 0 if local is not None else INFINITE_STEPS,
-                                          -(local or 0)], np.int64), "min")
+                                          -(local or 0), digest, -digest], np.int64), "min")
+    if int(agreed[3]) != -int(agreed[4]):
+        raise_spec_mismatch(backend, spec, what=what)
     any_unknown, lowest, highest = bool(-agreed[0]), int(agreed[1]), int(-agreed[2])
     if any_unknown:
         if padded:
@@ -130,7 +143,7 @@ def epoch_input(backend: Backend, data: Any, *, global_batch_size: int, epoch: i
                              "dataset.apply(tf.data.experimental.assert_cardinality(n))")
         iterator = iter(backend.distribute_dataset(lambda ctx: _with_end_flag(_skipped(build(ctx), ctx, skip_steps)),
                                                    global_batch_size=global_batch_size))
-        return EpochInput(backend=backend, iterator=iterator, steps=None,
+        return EpochInput(backend=backend, iterator=iterator, steps=None, element_spec=spec,
                           max_steps=None if steps is None else max(0, steps - skip_steps))
     available = highest if padded else lowest
     if available >= INFINITE_STEPS and steps is None:
@@ -141,21 +154,27 @@ def epoch_input(backend: Backend, data: Any, *, global_batch_size: int, epoch: i
         warnings.warn(f"{steps} steps per epoch were asked for but the data gives {available} steps of "
                       f"global batch {global_batch_size}; running {available}", stacklevel=3)
     if run_steps <= 0:
-        raise ValueError(f"an epoch has 0 steps of global batch {global_batch_size} (a pipeline has fewer "
-                         "examples than its share of one batch); use a smaller global batch, more data, "
-                         "or remainder='pad'")
+        if highest == 0 and steps != 0:
+            raise ValueError(f"the input is empty: every rank's pipeline gives 0 batches of global batch "
+                             f"{global_batch_size} (no examples, or fewer than one per-replica batch); check the "
+                             "data (an empty dataset, a filter that drops everything, a dataset_fn that shards "
+                             "everything away) or use a smaller global batch")
+        raise ValueError(f"an epoch has 0 steps of global batch {global_batch_size}: this rank's pipeline gives "
+                         f"{local} step(s) and the shortest 0 (its examples do not fill its share of one batch, "
+                         "or it is empty); use a smaller global batch, more data, or remainder='pad'")
     if skip_steps > run_steps:
         raise ValueError(f"cannot skip {skip_steps} steps of an epoch of {run_steps} steps of global batch "
                          f"{global_batch_size}: the data changed since the checkpoint; resume with the same data")
     remaining = run_steps - skip_steps
     if remaining == 0:  # resumed right at the epoch's end: nothing to read
-        return EpochInput(backend=backend, iterator=None, steps=0, max_steps=0, masked=padded)
+        return EpochInput(backend=backend, iterator=None, steps=0, max_steps=0, masked=padded, element_spec=spec)
     if padded and highest > lowest:
         fn = lambda ctx: _skipped(build(ctx, pad_to_steps=run_steps), ctx, skip_steps)  # noqa: E731
     else:
         fn = lambda ctx: _skipped(build(ctx), ctx, skip_steps)  # noqa: E731
     iterator = iter(backend.distribute_dataset(fn, global_batch_size=global_batch_size))
-    return EpochInput(backend=backend, iterator=iterator, steps=remaining, max_steps=remaining, masked=padded)
+    return EpochInput(backend=backend, iterator=iterator, steps=remaining, max_steps=remaining, masked=padded,
+                      element_spec=spec)
 
 
 def _skipped(dataset: tf.data.Dataset, context: InputContext, steps: int) -> tf.data.Dataset:

@@ -197,11 +197,12 @@ def element_sharded(dataset: tf.data.Dataset, context: InputContext, *, seed: in
         check_unbatched(dataset)
     size = int(dataset.cardinality())
     global_batch = context.global_batch_size
+    if size == 0:
+        raise ValueError("the dataset is empty (0 examples); there is nothing to train or evaluate on: check the "
+                         "data source (e.g. a filter that drops everything)")
     if remainder == "drop" and 0 <= size < global_batch:
         raise ValueError(f"global batch {global_batch} is larger than the dataset ({size} examples); "
                          f"use a global batch of at most {size}, or remainder='pad'")
-    if size == 0:
-        raise ValueError("the dataset is empty; there is nothing to train or evaluate on")
     stream = _shuffled(dataset, seed=seed, epoch=epoch, buffer=shuffle_buffer, size=size)
     steps = _batch_steps(stream, batch=global_batch, remainder=remainder, decode_batch=decode_batch)
     return _finish(steps, context, pad_to_steps=pad_to_steps, parts=context.num_replicas_in_sync,
@@ -265,11 +266,18 @@ def count_records(files: Sequence[str], reader: Callable[[str], tf.data.Dataset]
 
 
 def read_files(files: Sequence[str], reader: Callable, *, cycle_length: int, total: int | None,
-               chunked: bool = False) -> tf.data.Dataset:
+               chunked: bool = False, ranges: Sequence[tuple[int, int]] | None = None) -> tf.data.Dataset:
     """The files' elements, interleaved in parallel (one element, or one chunk of elements, per file in
-    turn); the same order whatever the parallelism."""
-    read = (lambda path: reader(path).batch(CHUNK)) if chunked else reader
-    stream = tf.data.Dataset.from_tensor_slices(list(files)).interleave(
+    turn); the same order whatever the parallelism. With ``ranges``, file i yields only its elements
+    ``[skip, skip + take)`` for ``(skip, take) = ranges[i]`` (``take=-1``: to its end)."""
+    skips, takes = zip(*ranges) if ranges is not None else ([0] * len(files), [-1] * len(files))
+
+    def read(path, skip, take):
+        elements = reader(path).skip(skip).take(take)  # (0, -1): the whole file
+        return elements.batch(CHUNK) if chunked else elements
+
+    stream = tf.data.Dataset.from_tensor_slices(
+        (list(files), tf.constant(skips, tf.int64), tf.constant(takes, tf.int64))).interleave(
         read, cycle_length=max(1, min(cycle_length, len(files))), block_length=1,
         num_parallel_calls=AUTOTUNE, deterministic=True)
     if total is not None and not chunked:
@@ -277,12 +285,33 @@ def read_files(files: Sequence[str], reader: Callable, *, cycle_length: int, tot
     return stream
 
 
-def file_share(num_files: int, context: InputContext, *, seed: int | None, epoch: int) -> list[int]:
-    """Indices of the files pipeline ``context.input_pipeline_id`` reads in ``epoch``."""
-    order = np.arange(num_files)
+def file_ranges(counts: Sequence[int], context: InputContext, *, seed: int | None, epoch: int
+                ) -> list[tuple[int, int, int]]:
+    """What pipeline ``context.input_pipeline_id`` reads in ``epoch``: ``(file index, skip, take)`` triples.
+
+    The file list is shuffled with ``(seed, epoch)`` (identically everywhere) and dealt out: pipeline i of P
+    gets files ``i, i+P, ...``. Concatenated in that order (pipeline 0's files, then pipeline 1's, ...),
+    the N records are cut into P contiguous ranges of ``N // P`` or ``N // P + 1`` records (the longer
+    ones first), range i for
+    pipeline i: each pipeline reads mostly its own files, a file on a boundary is split between two
+    pipelines, every record is read by exactly one, and the pipelines' lengths differ by at most one, so
+    ``remainder="drop"`` loses fewer than one global batch per epoch (as with element sharding).
+    """
+    pipelines = context.num_input_pipelines
+    order = np.arange(len(counts))
     if seed is not None:
-        order = np.random.default_rng(epoch_seed(seed, epoch)).permutation(num_files)
-    return [int(i) for i in order[context.input_pipeline_id::context.num_input_pipelines]]
+        order = np.random.default_rng(epoch_seed(seed, epoch)).permutation(len(counts))
+    dealt = [int(f) for p in range(pipelines) for f in order[p::pipelines]]
+    total = int(sum(counts))
+    i = context.input_pipeline_id
+    start, end = -(-i * total // pipelines), -(-(i + 1) * total // pipelines)  # ceil: earlier ranges get the extra
+    mine, offset = [], 0
+    for f in dealt:
+        first, last = max(start, offset), min(end, offset + int(counts[f]))
+        if first < last:
+            mine.append((f, first - offset, last - first))
+        offset += int(counts[f])
+    return mine
 
 
 def file_sharded(files: Sequence[str], context: InputContext, *, reader: Callable[[str], tf.data.Dataset] | None = None,
@@ -293,8 +322,9 @@ def file_sharded(files: Sequence[str], context: InputContext, *, reader: Callabl
     """This pipeline's per-replica batches, read from its own share of ``files``.
 
     The file list is shuffled with ``(seed, epoch)`` (identically on every process), pipeline i takes
-    files ``i, i+P, ...`` and reads them interleaved in parallel, shuffles its examples, and batches them
-    into per-replica batches of ``context.per_replica_batch_size``.
+    files ``i, i+P, ...``, balanced with its neighbours so that every pipeline reads N // P or N // P + 1
+    of the N records (see :func:`file_ranges`); it reads them interleaved in parallel, shuffles its
+    examples, and batches them into per-replica batches of ``context.per_replica_batch_size``.
 
     Args:
       files: File paths; at least ``context.num_input_pipelines`` of them.
@@ -319,9 +349,10 @@ def file_sharded(files: Sequence[str], context: InputContext, *, reader: Callabl
                          "or use sharding='elements'")
     reader = reader or tf.data.TFRecordDataset
     counts = list(counts) if counts is not None else count_records(files, reader)
-    mine = file_share(len(files), context, seed=seed, epoch=epoch)
-    size = sum(counts[i] for i in mine)
-    chunks = read_files([files[i] for i in mine], reader, cycle_length=cycle_length, total=size, chunked=True)
+    mine = file_ranges(counts, context, seed=seed, epoch=epoch)
+    size = sum(take for _, _, take in mine)
+    chunks = read_files([files[f] for f, _, _ in mine], reader, cycle_length=cycle_length, total=size, chunked=True,
+                        ranges=[(skip, take) for _, skip, take in mine])
     return local_stream(chunks, context, size=size, seed=seed, epoch=epoch, shuffle_buffer=shuffle_buffer,
                         remainder=remainder, decode_batch=decode_batch, pad_to_steps=pad_to_steps,
                         salt=context.input_pipeline_id + 1)

@@ -8,6 +8,7 @@ from typing import Any, Callable
 import keras
 import tensorflow as tf
 
+from disttrain import nonfinite
 from disttrain.backends import Backend
 
 
@@ -18,18 +19,41 @@ class StepContext:
       backend: The active backend.
       global_batch_size: Examples per step over all replicas.
       num_replicas: Replicas the global batch is split over.
+      on_nonfinite: ``raise``, ``skip`` or ``ignore``: what :meth:`apply_gradients` does about a non-finite
+        loss or gradient on any replica (see :mod:`disttrain.nonfinite`).
     """
 
-    def __init__(self, *, backend: Backend, global_batch_size: int):
+    def __init__(self, *, backend: Backend, global_batch_size: int, marker: Any = None,
+                 on_nonfinite: str = "ignore"):
         self.backend = backend
         self.global_batch_size = global_batch_size
         self.num_replicas = backend.num_replicas
-        # (variable, local gradient) pairs, per replica thread, while tracing a gradient-histogram step
+        # Per replica thread, while tracing: (variable, local gradient) pairs of a gradient-histogram step,
+        # and the mark tensor for the watchdog's in-graph marks.
         self._capture = threading.local()
+        self._marker = marker  # a disttrain.watchdog.GradientMarker, or None
+        self._traced = self._traced_apply = False
         # per replica thread, while tracing accumulated micro-batches: {key: [optimizer, grad sums, variables]}
         self._pending = threading.local()
-        # per replica thread, while tracing a train step: 1.0 when a LossScaleOptimizer skips the update
+        # per replica thread, while tracing a train step: 1.0 when an update is skipped (a LossScaleOptimizer,
+        # or on_nonfinite), the replicas' flags (on_nonfinite) and the loss's own flag since the last update
         self._nonfinite = threading.local()
+        self.on_nonfinite = nonfinite.check_policy(on_nonfinite)
+
+    @property
+    def applies_gradients(self) -> bool:
+        """Whether the step calls :meth:`apply_gradients` (True until it has been traced)."""
+        return self._traced_apply or not self._traced
+
+    def _begin_trace(self, mark: Any, batch: Any) -> Any:
+        """Called when the step is traced on a replica: ``mark`` is the call's value for the watchdog's marks
+        (or None), ``batch`` this replica's input; returns the batch to hand the step."""
+        self._traced = True
+        self._capture.mark = mark
+        self._nonfinite.loss = self._nonfinite.flags = None  # nothing from an earlier trace
+        if self._marker is not None and mark is not None:
+            return self._marker.mark_batch(mark, batch)
+        return batch
 
     def average_loss(self, per_example_loss: tf.Tensor, sample_weight: tf.Tensor | None = None) -> tf.Tensor:
         """This replica's share of the mean loss over the GLOBAL batch: ``sum(loss * w) / global_batch``.
@@ -37,8 +61,13 @@ class StepContext:
         Summed over the replicas (which the gradient reduction does) it is the global mean loss, so the
         gradients match a single device running the whole global batch.
         """
-        return tf.nn.compute_average_loss(per_example_loss, sample_weight=sample_weight,
+        loss = tf.nn.compute_average_loss(per_example_loss, sample_weight=sample_weight,
                                           global_batch_size=self.global_batch_size)
+        if self.on_nonfinite != "ignore":  # read by the next apply_gradients on this replica
+            previous = getattr(self._nonfinite, "loss", None)
+            bad = nonfinite.is_bad([loss])
+            self._nonfinite.loss = bad if previous is None else tf.maximum(previous, bad)
+        return loss
 
     def scale_regularization_loss(self, loss: tf.Tensor) -> tf.Tensor:
         """Divides a regularisation loss by the number of replicas (it is added once per replica)."""
@@ -78,6 +107,13 @@ class StepContext:
         captured = getattr(self._capture, "pairs", None)
         if captured is not None:
             captured.extend((v, g) for g, v in zip(grads, variables) if g is not None)
+        mark = getattr(self._capture, "mark", None)
+        if self._marker is not None and mark is not None:
+            self._marker.mark_gradients(mark, grads)
+        self._traced_apply = True
+        if self.on_nonfinite != "ignore" and not isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+            self._apply_if_finite(optimizer, grads, variables)
+            return
         reduced = self.backend.reduce_gradients(grads)
         if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
             # It skips the update when a gradient is not finite; decided on the reduced gradients, the
@@ -86,9 +122,38 @@ class StepContext:
             self._nonfinite.value = tf.maximum(getattr(self._nonfinite, "value", 0.0), skipped)
         self.backend.apply_reduced_gradients(optimizer, reduced, variables)
 
+    def _apply_if_finite(self, optimizer: keras.optimizers.Optimizer, grads: list, variables: list) -> None:
+        """``on_nonfinite``: the replicas' flags ride in the gradients' all-reduce (first, so in the bucket
+        reduced last); the update happens only when all are clear (see :mod:`disttrain.nonfinite`)."""
+        loss_bad = getattr(self._nonfinite, "loss", None)
+        loss_bad = tf.constant(0.0) if loss_bad is None else loss_bad
+        self._nonfinite.loss = None
+        present = [g for g in grads if g is not None]
+        dtype = tf.convert_to_tensor(present[0]).dtype if present else tf.float32
+        flags = nonfinite.local_flags(loss_bad=loss_bad, grads=grads, replica=self.backend.replica_id(),
+                                      num_replicas=self.num_replicas, dtype=dtype)
+        reduced = self.backend.reduce_gradients([flags] + list(grads))
+        flags, reduced = tf.cast(reduced[0], tf.float32), reduced[1:]
+        finite = nonfinite.decide(reduced, flags, num_replicas=self.num_replicas)
+        self.backend.apply_reduced_gradients(optimizer, reduced, variables, apply=finite)
+        skipped = 1.0 - tf.cast(finite, tf.float32)
+        if self.on_nonfinite == "skip":  # counted in the logs with a LossScaleOptimizer's skips ("raise" stops)
+            self._nonfinite.value = tf.maximum(getattr(self._nonfinite, "value", 0.0), skipped)
+        record = tf.concat([flags, [skipped]], 0)
+        previous = getattr(self._nonfinite, "flags", None)
+        self._nonfinite.flags = record if previous is None else tf.maximum(previous, record)
+
+    def take_flags(self) -> tf.Tensor | None:
+        """The replicas' flags and whether this step's update was skipped (``on_nonfinite``), or None if no
+        update was checked; resets the record."""
+        value = getattr(self._nonfinite, "flags", None)
+        self._nonfinite.flags = None
+        return value
+
     def take_nonfinite(self) -> tf.Tensor | None:
-        """1.0 if a ``LossScaleOptimizer`` skipped this replica's step for non-finite gradients, 0.0 if
-        not, None if no such optimizer applied gradients; resets the record."""
+        """1.0 if an update of this replica's step was skipped for non-finite gradients (by a
+        ``LossScaleOptimizer``, or with ``on_nonfinite="skip"``), 0.0 if not, None if no such update ran;
+        resets the record."""
         value = getattr(self._nonfinite, "value", None)
         self._nonfinite.value = None
         return value

@@ -4,15 +4,17 @@
 through the backend and sum the outputs over this process's replicas (no communication; the trainer
 reduces over processes once per epoch or log step):
 
-* ``run(iterator, control)``: one step on the iterator's next input;
-* ``run_many(iterator, count, control)``: ``count`` steps in one call (a ``tf.while_loop``; ``count``
+* ``run(iterator, control, mark)``: one step on the iterator's next input;
+* ``run_many(iterator, count, control, mark)``: ``count`` steps in one call (a ``tf.while_loop``; ``count``
   is a tensor, so any count up to ``steps_per_execution`` reuses one trace), returning the sums of
   the steps' outputs: what ``fit(steps_per_execution=K)`` runs;
-* ``run_batch(batch, control)``: one step on a batch fetched (and agreed on) outside, for pipelines of
-  unknown length.
+* ``run_batch(batch, control, mark)``: one step on a batch fetched (and agreed on) outside, for pipelines
+  of unknown length.
 
 ``control`` (checkpointing's stop/save flags, see :mod:`disttrain.checkpoint`) is all-reduced (max)
-once per call beside the steps, and returned with the outputs; None leaves it out.
+once per call beside the steps, and returned with the outputs; None leaves it out. ``mark`` (an int64
+tensor, or None) is the value the stall watchdog's in-graph marks take in this call (see
+:class:`disttrain.watchdog.GradientMarker`).
 """
 
 from __future__ import annotations
@@ -23,21 +25,23 @@ from typing import Any, Callable, Mapping
 import tensorflow as tf
 
 from disttrain import data as data_lib
+from disttrain import nonfinite
 from disttrain.backends import Backend
 from disttrain.step_context import StepContext
 from disttrain.totals import EXAMPLES
 
-#: Step output: the share of steps a LossScaleOptimizer skipped for non-finite gradients.
-NONFINITE = "skipped_fraction"
+#: Step output: the share of steps whose update was skipped (see :mod:`disttrain.nonfinite`).
+NONFINITE = nonfinite.NONFINITE
 
 
 @dataclasses.dataclass(frozen=True)
 class CompiledSteps:
-    """The compiled functions of one step variant (see the module docs)."""
+    """The compiled functions of one step variant (see the module docs), and their step context."""
 
     run: Callable
     run_many: Callable
     run_batch: Callable
+    ctx: StepContext
 
 
 def named_gradients(pairs: list) -> dict[str, tf.Tensor]:
@@ -66,7 +70,8 @@ def as_outputs(value: Any) -> dict[str, tf.Tensor]:
 
 
 def compile_steps(*, step: Callable, backend: Backend, global_batch_size: int, gradients: bool = False,
-                  masked: bool = False, accumulation_steps: int = 1) -> CompiledSteps:
+                  masked: bool = False, accumulation_steps: int = 1, marker: Any = None,
+                  on_nonfinite: str = "ignore") -> CompiledSteps:
     """Compiles ``step(ctx, batch)`` for every local replica.
 
     Args:
@@ -78,8 +83,13 @@ def compile_steps(*, step: Callable, backend: Backend, global_batch_size: int, g
       masked: The batches carry a padding mask: the outputs count the real examples under ``EXAMPLES``.
       accumulation_steps: Split each replica's batch into this many micro-batches whose gradients are
         summed and applied once (see ``StepContext.run_accumulated``).
+      marker: The stall watchdog's :class:`disttrain.watchdog.GradientMarker`, or None.
+      on_nonfinite: What ``ctx.apply_gradients`` does about non-finite values (see
+        :mod:`disttrain.nonfinite`); its flags come back under ``nonfinite.FLAGS``, and with ``skip`` a
+        skipped step's values are left out (zeros, counted under ``nonfinite.DROPPED``).
     """
-    ctx = StepContext(backend=backend, global_batch_size=global_batch_size)
+    ctx = StepContext(backend=backend, global_batch_size=global_batch_size, marker=marker,
+                      on_nonfinite=on_nonfinite)
 
     def one_step(batch):
         outputs = as_outputs(step(ctx, batch))
@@ -94,12 +104,20 @@ def compile_steps(*, step: Callable, backend: Backend, global_batch_size: int, g
             # Global-batch-scaled outputs (ctx.average_loss) of the micro-batches add up to the batch's.
             results = ctx.run_accumulated(one_step, micro_batches(batch, accumulation_steps))
             outputs = {name: tf.add_n([r[name] for r in results]) for name in results[0]}
+        flags = ctx.take_flags()
+        if flags is not None:  # identical on every replica; summed over this process's replicas
+            if on_nonfinite == "skip":  # a skipped step's (non-finite) values are left out of the means
+                dropped = flags[-1]
+                outputs = {k: tf.where(dropped > 0, tf.zeros_like(v), v) for k, v in outputs.items()}
+                outputs[nonfinite.DROPPED] = dropped / ctx.num_replicas
+            outputs[nonfinite.FLAGS] = flags / backend.local_replicas
         skipped = ctx.take_nonfinite()
         if skipped is not None:  # summed over the replicas, each counts 1/num_replicas
             outputs[NONFINITE] = skipped / ctx.num_replicas
         return outputs
 
-    def replica_fn(batch):
+    def replica_fn(batch, mark):
+        batch = ctx._begin_trace(mark, batch)
         if not gradients:
             return outputs_of(batch)
         ctx._capture.pairs = captured = []  # replicas may trace in parallel threads
@@ -109,8 +127,8 @@ def compile_steps(*, step: Callable, backend: Backend, global_batch_size: int, g
             ctx._capture.pairs = None
         return outputs, named_gradients(captured)
 
-    def on_replicas(batch):
-        return tf.nest.map_structure(backend.local_sum, backend.run(replica_fn, args=(batch,)))
+    def on_replicas(batch, mark):
+        return tf.nest.map_structure(backend.local_sum, backend.run(replica_fn, args=(batch, mark)))
 
     def with_control(outputs, control):
         if control is None:
@@ -119,18 +137,18 @@ def compile_steps(*, step: Callable, backend: Backend, global_batch_size: int, g
         return outputs, backend.reduce_across_processes(control, "max")
 
     @tf.function
-    def run(iterator, control=None):
-        return with_control(on_replicas(next(iterator)), control)
+    def run(iterator, control=None, mark=None):
+        return with_control(on_replicas(next(iterator), mark), control)
 
     @tf.function
-    def run_many(iterator, count, control=None):
-        outputs = on_replicas(next(iterator))
+    def run_many(iterator, count, control=None, mark=None):
+        outputs = on_replicas(next(iterator), mark)
         for _ in tf.range(count - 1):
-            outputs = tf.nest.map_structure(tf.add, outputs, on_replicas(next(iterator)))
+            outputs = tf.nest.map_structure(tf.add, outputs, on_replicas(next(iterator), mark))
         return with_control(outputs, control)
 
     @tf.function
-    def run_batch(batch, control=None):
-        return with_control(on_replicas(batch), control)
+    def run_batch(batch, control=None, mark=None):
+        return with_control(on_replicas(batch, mark), control)
 
-    return CompiledSteps(run=run, run_many=run_many, run_batch=run_batch)
+    return CompiledSteps(run=run, run_many=run_many, run_batch=run_batch, ctx=ctx)

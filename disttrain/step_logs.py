@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import tensorflow as tf
 
+from disttrain import nonfinite
 from disttrain.callbacks import Callback, current_learning_rate
 from disttrain.totals import EpochTotals
 
@@ -164,8 +165,10 @@ class StepLogger:
         trainer, backend = self.trainer, self.trainer.backend
         window_steps = epoch_step - self._last_step
         reduced = totals.reduce(seconds=time.perf_counter() - self._last)
-        logs = {n: v / epoch_step for n, v in reduced.sums.items()}
+        dropped, skips = nonfinite.pop_skips(reduced.sums, steps=epoch_step)  # skipped steps' values are left out
+        logs = {n: v / (epoch_step - dropped) if epoch_step > dropped else float("nan") for n, v in reduced.sums.items()}
         logs.update(reduced.metrics)
+        logs.update(skips)
         logs["lr"] = current_learning_rate(trainer.optimizer)
         seconds = reduced.seconds / backend.size
         if window_steps > 0 and seconds > 0:

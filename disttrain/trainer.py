@@ -12,9 +12,13 @@ import numpy as np
 import tensorflow as tf
 
 from disttrain import data as data_lib
+from disttrain import data_checks
+from disttrain import drift as drift_lib
 from disttrain import epoch_agreement
 from disttrain import metrics as metrics_lib
+from disttrain import nonfinite
 from disttrain import step_functions, step_logs
+from disttrain import watchdog as watchdog_lib
 from disttrain.checkpoint import Checkpointing, CheckpointSession, Progress
 from disttrain.preemption import Preempted, exit_now
 from disttrain.progress import ProgressBar
@@ -62,6 +66,18 @@ class Trainer:
         passes to ``ctx.apply_gradients`` are summed, and reduced over the replicas and applied once per
         global batch: the same update as one step on the whole batch, with 1/K of the activations in
         memory. A step, the step count, the LR and every log stay per global batch.
+      on_nonfinite: A NaN or Inf in the loss given to ``ctx.average_loss`` or in the gradients given to
+        ``ctx.apply_gradients``, on any replica: ``"raise"`` (default) raises
+        :class:`disttrain.NonFiniteError` on every rank, naming the step and the rank(s), before the update
+        is applied; ``"skip"`` skips the update on every rank and counts it (``skipped_steps``);
+        ``"ignore"`` applies it. Decided on flags every replica sees (see ``disttrain.nonfinite``);
+        a ``LossScaleOptimizer`` keeps its own rule.
+      step_timeout: Seconds a step, eager collective, callback or checkpoint save may take inside ``fit``
+        and ``evaluate``; longer, and every rank prints where it is, dumps its Python stacks and exits with
+        code 124 (see ``disttrain.watchdog``). None (default) reads ``DISTTRAIN_STEP_TIMEOUT``; unset or 0: off.
+      drift_check_every_steps: Every so many train steps, compare checksums of the trainable and optimizer
+        variables over every replica (one all-reduce) and raise :class:`disttrain.drift.DriftError`, naming
+        the first variable that differs, when they are out of sync (see ``disttrain.drift``). 0: off.
 
     Raises:
       ValueError: If the model has no variables yet, model/optimizer were created outside the scope, or
@@ -75,8 +91,16 @@ class Trainer:
                  eval_metrics: Iterable[keras.metrics.Metric | Callable] | None = None,
                  callbacks: Iterable[Callback] = (), verbose: int = 1, print_fn: Callable[[str], None] | None = None,
                  log_every_steps: int | None = None, checkpointing: Checkpointing | None = None,
-                 accumulation_steps: int = 1):
+                 accumulation_steps: int = 1, on_nonfinite: str = "raise", step_timeout: float | None = None,
+                 drift_check_every_steps: int = 0):
         self.backend = backend or get_backend("auto")
+        self.on_nonfinite = nonfinite.check_policy(on_nonfinite)
+        self._nonfinite = nonfinite.Monitor(policy=on_nonfinite, backend=self.backend, print_fn=print_fn)
+        self.step_timeout = watchdog_lib.timeout_from(step_timeout)
+        self._marker = watchdog_lib.GradientMarker(backend=self.backend) if self.step_timeout else None
+        self._watchdog: watchdog_lib.Watchdog | None = None
+        self._called: set[tuple] = set()  # compiled steps called once (traced) already
+        self._step_calls = 0  # compiled step calls under the watchdog (the value of its in-graph marks)
         if int(accumulation_steps) != accumulation_steps or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps={accumulation_steps!r} must be an integer >= 1 (1 = no accumulation)")
         self.accumulation_steps = int(accumulation_steps)
@@ -111,6 +135,9 @@ class Trainer:
                 opt.build(self.trainable_variables)
         self.backend.sync_initial_state([v for m in self.models for v in m.variables] +
                                         [v for o in self.optimizers for v in o.variables])
+        self._drift = drift_lib.DriftCheck(
+            backend=self.backend, every_steps=drift_check_every_steps,
+            variables=self.trainable_variables + [v for o in self.optimizers for v in o.variables])
         # Train steps run, across fits; starts at the optimizer's count (a model trained before). The trainer
         # keeps its own count: a LossScaleOptimizer does not count the steps it skips.
         self.global_step = int(np.asarray(self.optimizer.iterations))
@@ -137,13 +164,15 @@ class Trainer:
             self._functions[key] = step_functions.compile_steps(
                 step=self._train_step if kind == "train" else self._eval_step, backend=self.backend,
                 global_batch_size=global_batch_size, gradients=gradients, masked=masked,
-                accumulation_steps=self.accumulation_steps if kind == "train" else 1)
+                accumulation_steps=self.accumulation_steps if kind == "train" else 1, marker=self._marker,
+                on_nonfinite=self.on_nonfinite if kind == "train" else "ignore")
         return self._functions[key]
 
     def reset_compiled_steps(self) -> None:
         """Drops the traced steps so the next step is traced again (e.g. after the optimizer's learning
         rate object was replaced: a traced step keeps applying the one it captured)."""
         self._functions.clear()
+        self._called.clear()
 
     def _run_epoch(self, kind: str, data: Any, *, global_batch_size: int, epoch: int,
                    steps: int | None, seed: int | None, remainder: str = "drop",
@@ -170,23 +199,29 @@ class Trainer:
             wants_gradients = step_logger is not None and step_logger.wants_gradients(self.global_step + 1)
             compiled = self._function(kind, global_batch_size, gradients=wants_gradients, masked=epoch_input.masked)
             control = session.control() if session is not None else None
-            count = 1
+            count, key = 1, (kind, global_batch_size, wants_gradients, epoch_input.masked)
+            spec = epoch_input.element_spec
             if epoch_input.steps is None:  # unknown length: the processes agree on every batch
-                batch = epoch_input.next_agreed()
+                with self._phase("input", "the next batch of a pipeline of unknown length"):
+                    batch = epoch_input.next_agreed()
                 if batch is None:
                     break
-                result = compiled.run_batch(batch, control)
+                result = self._call(key, compiled, compiled.run_batch, (batch,), control, element_spec=spec)
             else:
                 if not wants_gradients:
                     count = self._call_length(steps_per_execution, remaining=epoch_input.steps - ran,
                                               step_logger=step_logger if kind == "train" else None, session=session)
                 if count == 1:
-                    result = compiled.run(epoch_input.iterator, control)
+                    result = self._call(key, compiled, compiled.run, (epoch_input.iterator,), control,
+                                        element_spec=spec)
                 else:
-                    result = compiled.run_many(epoch_input.iterator, tf.constant(count), control)
+                    result = self._call(key, compiled, compiled.run_many, (epoch_input.iterator, tf.constant(count)),
+                                        control, element_spec=spec, count=count)
             if session is not None:
                 result, control = result
             outputs, grads = result if wants_gradients else (result, None)
+            outputs = self._nonfinite.after_call(outputs, first_step=self.global_step + 1, count=count,
+                                                 where=f"epoch {epoch + 1}, step {done + ran + 1}/{self.epoch_steps}")
             totals.add(outputs)
             ran += count
             if kind == "train":
@@ -194,11 +229,15 @@ class Trainer:
                 self.epoch_step = done + ran
             if step_logger is not None:
                 step_logger.after_step(step=self.global_step, epoch_step=done + ran, totals=totals, gradients=grads)
+            if kind == "train" and self._drift.due(self.global_step):
+                self._drift.check(where=f"after global step {self.global_step}")
             if session is not None:
-                session.after_step(control=control, totals=totals)
+                with self._phase("checkpoint", "the checkpoint after a step"):
+                    session.after_step(control=control, totals=totals)
         steps = done + ran
         if steps == 0:
-            raise ValueError(f"an epoch has 0 steps of global batch {global_batch_size}; "
+            raise ValueError(f"an epoch has 0 steps of global batch {global_batch_size}: a pipeline of unknown length "
+                             "ended before the first step (is the input empty, e.g. filtered away?); "
                              "use a smaller global batch or more data")
         if kind == "train":
             self.epoch_steps = steps
@@ -206,16 +245,19 @@ class Trainer:
         # input) and the metrics' states: every process reports the same numbers.
         reduced = totals.reduce(seconds=time.perf_counter() - start)
         # Values are global-batch-scaled (like ctx.average_loss): their sum over the epoch times the
-        # global batch, over the examples, is the mean per example; padded examples count for nothing.
-        examples = reduced.real if epoch_input.masked and reduced.real > 0 else steps * global_batch_size
-        logs = {n: v * global_batch_size / examples for n, v in reduced.sums.items()}
+        # global batch, over the examples, is the mean per example; padded examples and skipped steps
+        # (on_nonfinite="skip") count for nothing.
+        dropped, skips = nonfinite.pop_skips(reduced.sums, steps=steps)
+        examples = reduced.real if epoch_input.masked and reduced.real > 0 else (steps - dropped) * global_batch_size
+        logs = {n: v * global_batch_size / examples if examples else float("nan") for n, v in reduced.sums.items()}
         logs.update(reduced.metrics)
+        logs.update(skips)
         return logs, ran, reduced.seconds / backend.size
 
     def _call_length(self, steps_per_execution: int, *, remaining: int,
                      step_logger: step_logs.StepLogger | None, session: CheckpointSession | None) -> int:
         """Steps the next call runs: up to ``steps_per_execution``, ending exactly at the next step that
-        logs, checkpoints or ends the epoch (and just before a step that records gradients)."""
+        logs, checkpoints, checks for drift or ends the epoch (and just before a step that records gradients)."""
         step, count = self.global_step, min(steps_per_execution, remaining)
         if step_logger is not None:
             intervals = step_logger.intervals
@@ -229,10 +271,57 @@ class Trainer:
                 count = min([count] + [b - step for b in (first - 1, last) if b > step])
         if session is not None and session.config.every_steps:
             count = min(count, session.config.every_steps - step % session.config.every_steps)
+        if self._drift.every_steps:
+            count = min(count, self._drift.every_steps - step % self._drift.every_steps)
         return max(1, count)
 
+    def _call(self, key: tuple, compiled: step_functions.CompiledSteps, fn: Callable, args: tuple, control: Any,
+              *, element_spec: Any, count: int = 1) -> Any:
+        """Calls the compiled ``fn(*args, control)`` (``count`` steps), watched by the watchdog; a dtype clash
+        between the labels (of ``element_spec``) and the model's output, which TF reports when it traces the
+        step, is re-raised with both dtypes and the fix."""
+        try:
+            if self._watchdog is None:
+                return fn(*args, control)
+            self._step_calls += 1  # the marks' value for this call
+            first = key not in self._called
+            self._called.add(key)
+            self._watchdog.step_applies_gradients = compiled.ctx.applies_gradients
+            step = self.global_step + 1
+            what = "eval step" if key[0] != "train" else (
+                f"train step {step}" if count == 1 else f"train steps {step}-{step + count - 1} (one call)")
+            with self._watchdog.phase("step", what, mark=self._step_calls, first=first, count=count):
+                return fn(*args, control, tf.constant(self._step_calls, tf.int64))
+        except TypeError as err:
+            explained = data_checks.explain_dtype_mismatch(err, element_spec=element_spec, model=self.model)
+            if explained is None:
+                raise
+            raise explained from err
+
+    def _phase(self, kind: str, what: str) -> contextlib.AbstractContextManager:
+        return self._watchdog.phase(kind, what) if self._watchdog is not None else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def _watching(self):
+        """Arms the stall watchdog (with ``step_timeout``) for a ``fit`` or ``evaluate`` (once if nested)."""
+        if not self.step_timeout or self._watchdog is not None:
+            yield
+            return
+        backend = self.backend
+        self._watchdog = watchdog_lib.Watchdog(
+            timeout=self.step_timeout, identity=f"{backend.name}: rank {backend.rank} of {backend.size}",
+            where=lambda: (f"after global step {self.global_step} (epoch {self.epoch + 1}, step {self.epoch_step}/"
+                           f"{self.epoch_steps if self.epoch_steps is not None else '?'})"),
+            hint=backend.stall_hint(), input_waits_for_peers=backend.input_waits_for_peers, marker=self._marker)
+        try:
+            with self._watchdog:
+                yield
+        finally:
+            self._watchdog = None
+
     def _dispatch(self, hook: str, *args: Any) -> None:
-        dispatch(self.callbacks, hook, self, *args)
+        dispatch(self.callbacks, hook, self, *args,
+                 phase=None if self._watchdog is None else functools.partial(self._watchdog.phase, "callback"))
 
     def run_config(self) -> dict[str, Any]:
         """The run's configuration (backend, topology, optimizer, ``fit`` arguments), e.g. for a summary."""
@@ -313,7 +402,7 @@ class Trainer:
         self._dispatch("on_train_begin")
         logs: dict[str, float] = {}
         try:
-            with session.watcher if session is not None else contextlib.nullcontext():
+            with session.watcher if session is not None else contextlib.nullcontext(), self._watching():
                 for epoch in range(first_epoch, initial_epoch + epochs):
                     logs = self._train_epoch(
                         data, epoch=epoch, steps_per_epoch=steps_per_epoch, shuffle_seed=shuffle_seed,
@@ -389,9 +478,10 @@ class Trainer:
         _check_steps_per_execution(steps_per_execution)
         metrics_lib.reset(self.eval_metrics)
         data_lib.check_data(data, model=self.model)
-        logs, _, _ = self._run_epoch("eval", data, global_batch_size=global_batch_size, epoch=0, steps=steps,
-                                     seed=None, remainder=remainder, metrics=self.eval_metrics,
-                                     steps_per_execution=steps_per_execution)
+        with self._watching():
+            logs, _, _ = self._run_epoch("eval", data, global_batch_size=global_batch_size, epoch=0, steps=steps,
+                                         seed=None, remainder=remainder, metrics=self.eval_metrics,
+                                         steps_per_execution=steps_per_execution)
         return logs
 
 

@@ -153,6 +153,32 @@ def test_file_sharding_reads_disjoint_files_that_change_with_the_epoch(shard_dir
     assert orders[0] != orders[1] or orders[1] != orders[2]
 
 
+@pytest.mark.parametrize("pipelines,local", [(2, 1), (3, 2)])
+def test_file_sharding_balances_uneven_files_so_drop_loses_less_than_one_global_batch(tmp_path, pipelines, local):
+    # 1003 examples in 3 shards (335, 334, 334) on 2 pipelines: dealt whole, pipeline 0 would get 669 and
+    # pipeline 1 334, and remainder="drop" would use 2 x 6 batches of 50 (600 examples, 403 lost).
+    files = S.write_shards(examples(1003), tmp_path, num_shards=3)
+    source = D.from_files(files)
+    global_batch = 100 * local * pipelines // 2
+    for epoch in range(3):
+        ids, steps = consumed(source, pipelines, local, global_batch, epoch=epoch, remainder="drop")
+        assert len(set(steps)) == 1 and len(ids) == len(set(ids))  # never an example twice
+        lost = 1003 - steps[0] * global_batch
+        assert 0 <= lost < global_batch and len(ids) == 1003 - lost, (epoch, steps, lost)
+        shares = [sum(t for _, _, t in P.file_ranges([335, 334, 334], context(pipelines, p), seed=1, epoch=epoch))
+                  for p in range(pipelines)]
+        assert max(shares) - min(shares) <= 1 and sum(shares) == 1003, shares
+
+
+def test_file_ranges_split_at_most_the_boundary_files():
+    counts = [10, 10, 8, 8]  # in this order (no seed), pipeline 0 is dealt files 0 and 2 (18), 1 files 1, 3 (18)
+    assert [P.file_ranges(counts, context(2, p), seed=None, epoch=0) for p in range(2)] == [
+        [(0, 0, 10), (2, 0, 8)], [(1, 0, 10), (3, 0, 8)]]
+    counts = [10, 8, 10, 8]  # pipeline 0 is dealt 20, pipeline 1 16: pipeline 1 takes the last 2 of file 2
+    assert [P.file_ranges(counts, context(2, p), seed=None, epoch=0) for p in range(2)] == [
+        [(0, 0, 10), (2, 0, 8)], [(2, 8, 2), (1, 0, 8), (3, 0, 8)]]
+
+
 def consumed_one(source, pipelines, pipeline, epoch):
     built = source.build(context(pipelines, pipeline, 1, 4), seed=9, epoch=epoch, remainder="pad")
     return [i for b in built.as_numpy_iterator() for i in real_ids(b)]

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 import tensorflow as tf
 
+from disttrain import watchdog
 from disttrain.backends import gradients as gradients_lib
 
 REDUCE_OPS = ("sum", "mean", "max", "min")
@@ -138,11 +139,28 @@ class Backend(abc.ABC):
         applies them (:meth:`apply_reduced_gradients`)."""
         self.apply_reduced_gradients(optimizer, self.reduce_gradients(grads), variables)
 
-    def apply_reduced_gradients(self, optimizer: Any, reduced: list, variables: list) -> None:
+    def apply_reduced_gradients(self, optimizer: Any, reduced: list, variables: list, *,
+                                apply: tf.Tensor | None = None) -> None:
         """In a replica context: applies gradients already summed over all replicas; the optimizer's own
-        sum over replicas is skipped."""
-        with gradients_lib.applying_reduced(optimizer):
-            optimizer.apply_gradients(zip(reduced, variables))
+        sum over replicas is skipped.
+
+        Args:
+          apply: A boolean scalar, identical on every replica (e.g. "the summed gradients are finite"):
+            when given, the update (weights, slots, ``iterations``) happens only where it is True.
+        """
+        def update():
+            with gradients_lib.applying_reduced(optimizer):
+                optimizer.apply_gradients(zip(reduced, variables))
+            return tf.constant(True)
+
+        if apply is None:
+            update()
+        else:  # no tf.distribute merge_call below (no strategy): a plain cond in the replica
+            tf.cond(apply, update, lambda: tf.constant(False))
+
+    def replica_id(self) -> Any:
+        """In a replica context: this replica's index in ``[0, num_replicas)`` over all processes."""
+        return tf.distribute.get_replica_context().replica_id_in_sync_group
 
     # -- collectives (eager, called by every process) -------------------------------------------
     @abc.abstractmethod
@@ -168,11 +186,12 @@ class Backend(abc.ABC):
         tensor = tf.convert_to_tensor(value, dtype=tf.float64 if isinstance(value, float) else None)
         if self.size == 1:
             result = tensor
-        elif op == "mean":
-            result = self._all_reduce_tensor(tensor, "sum")
-            result = result / tf.cast(self.size, result.dtype) if result.dtype.is_floating else result // self.size
         else:
-            result = self._all_reduce_tensor(tensor, op)
+            with watchdog.collective(f"all_reduce({op})"):
+                result = self._all_reduce_tensor(tensor, "sum" if op == "mean" else op)
+                if op == "mean":
+                    result = (result / tf.cast(self.size, result.dtype) if result.dtype.is_floating
+                              else result // self.size)
         if is_python:
             return type(value)(result.numpy())
         if is_numpy:
@@ -184,7 +203,8 @@ class Backend(abc.ABC):
         is_python = isinstance(value, (int, float)) and not isinstance(value, bool)
         tensor = tf.convert_to_tensor(value, dtype=tf.float64 if isinstance(value, float) else None)
         if self.size > 1:
-            tensor = self._broadcast_tensor(tensor, root)
+            with watchdog.collective(f"broadcast(root={root})"):
+                tensor = self._broadcast_tensor(tensor, root)
         if is_python:
             return type(value)(tensor.numpy())
         return tensor if tf.is_tensor(value) else tensor.numpy()
@@ -198,7 +218,8 @@ class Backend(abc.ABC):
     def barrier(self) -> None:
         """Blocks until every process has reached this call."""
         if self.size > 1:
-            self._all_reduce_tensor(tf.constant(1, tf.int32), "sum").numpy()
+            with watchdog.collective("barrier"):
+                self._all_reduce_tensor(tf.constant(1, tf.int32), "sum").numpy()
 
     def reduce_across_processes(self, value: tf.Tensor, op: str) -> tf.Tensor:
         """Reduces one tensor per process over all processes, eagerly or inside ``tf.function``.
@@ -213,6 +234,14 @@ class Backend(abc.ABC):
         if self.size == 1:
             return tf.identity(value)
         return self._all_reduce_tensor(value, check_reduce_op(op))
+
+    #: Whether the input iterator runs a collective for every batch (then a rank waiting for its batch
+    #: may wait for a peer); read by the stall watchdog.
+    input_waits_for_peers: bool = False
+
+    def stall_hint(self) -> str:
+        """Advice the stall watchdog adds to its message on this backend ("" for none)."""
+        return ""
 
     # -- checkpoints ---------------------------------------------------------------------------
     def checkpoint_writer(self, directory: str) -> str | None:

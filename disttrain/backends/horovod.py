@@ -13,6 +13,7 @@ from disttrain.backends.base import Backend, InputContext
 from disttrain.backends.rendezvous import startup_timeout as _startup_timeout
 from disttrain.backends.rendezvous import under_mpi, wait_for_horovod_peers
 from disttrain.install import INSTALL_HINT as SETUP_HINT
+from disttrain.watchdog import TIMEOUT_ENV
 
 
 def import_horovod():
@@ -23,6 +24,22 @@ def import_horovod():
         raise ImportError(f"the horovod backend needs Horovod with TensorFlow support, which is not "
                           f"installed here ({err}); {SETUP_HINT}") from err
     return hvd
+
+
+def stall_check_env(environ: dict) -> dict[str, str]:
+    """Horovod's stall inspector settings derived from disttrain's watchdog timeout, unless the user set
+    them: ``HOROVOD_STALL_CHECK_TIME_SECONDS`` = a quarter of ``DISTTRAIN_STEP_TIMEOUT`` (at least 1), so
+    Horovod names the ranks missing from a collective before the watchdog aborts: for a tensor in its
+    response cache (every step after the first) it needs two to three check periods (MPI controller
+    only: see :meth:`HorovodBackend.stall_hint`)."""
+    raw = environ.get(TIMEOUT_ENV, "").strip()
+    if not raw or "HOROVOD_STALL_CHECK_TIME_SECONDS" in environ:
+        return {}
+    try:
+        seconds = float(raw)
+    except ValueError:
+        return {}  # the trainer reports the bad value
+    return {"HOROVOD_STALL_CHECK_TIME_SECONDS": str(max(1, int(seconds / 4)))} if seconds > 0 else {}
 
 
 def horovod_env(*, fusion_threshold_mb: float | None = None, cycle_time_ms: float | None = None) -> dict[str, str]:
@@ -86,6 +103,7 @@ class HorovodBackend(Backend):
             raise ValueError(f"Horovod is already initialised; {env} can only be set before hvd.init(): "
                              "create the backend first thing in the program")
         os.environ.update(env)
+        os.environ.update(stall_check_env(os.environ))  # read by hvd.init()
         if "HOROVOD_RANK" not in os.environ and not under_mpi():
             sys.stderr.write("disttrain: warning: the horovod backend was started without horovodrun, mpirun or "
                              "`disttrain launch --backend horovod`, so it runs ONE process (rank 0 of 1); launch "
@@ -132,6 +150,9 @@ class HorovodBackend(Backend):
     def local_values(self, per_replica: Any) -> tuple:
         return (per_replica,)
 
+    def replica_id(self) -> int:
+        return self.rank
+
     def _sum_gradients(self, tensors: list[tf.Tensor]) -> list[tf.Tensor]:
         narrow = [i for i, t in enumerate(tensors) if t.dtype == tf.bfloat16]
         if not narrow:
@@ -166,6 +187,14 @@ class HorovodBackend(Backend):
 
     def _broadcast_tensor(self, value: tf.Tensor, root: int) -> tf.Tensor:
         return self._hvd.broadcast(value, root_rank=root)
+
+    def stall_hint(self) -> str:
+        # Horovod 0.28.1's Gloo controller never fills the rank list its stall inspector loops over
+        # (gloo_controller.cc: global_ranks_.reserve(size_) then writes through data(), so size() stays 0),
+        # so "Missing ranks" is printed under mpirun / horovodrun --mpi only.
+        return ("Horovod's own stall inspector (HOROVOD_STALL_CHECK_TIME_SECONDS, printed by rank 0) names the ranks "
+                "missing from a collective under mpirun or horovodrun --mpi; Horovod 0.28.1 under Gloo "
+                "(horovodrun --gloo) never prints it.")
 
     # -- input ---------------------------------------------------------------------------------
     def distribute_dataset(self, dataset_fn: Callable[[InputContext], tf.data.Dataset], *,

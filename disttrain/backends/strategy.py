@@ -38,6 +38,12 @@ class StrategyBackend(Backend):
         return self._rank
 
     @property
+    def input_waits_for_peers(self) -> bool:
+        # Over several workers, tf.distribute's iterator all-reduces "has a batch" at every batch of a
+        # finite dataset (input_lib._calculate_replicas_with_values).
+        return self._size > 1
+
+    @property
     def size(self) -> int:
         return self._size
 
@@ -79,6 +85,29 @@ class StrategyBackend(Backend):
         # an identity made here is placed on the replica's device.
         tensors = [t if t.device else tf.identity(t) for t in tensors]
         return tf.distribute.get_replica_context().all_reduce(tf.distribute.ReduceOp.SUM, tensors)
+
+    def apply_reduced_gradients(self, optimizer: Any, reduced: list, variables: list, *,
+                                apply: tf.Tensor | None = None) -> None:
+        if apply is None:
+            return super().apply_reduced_gradients(optimizer, reduced, variables)
+        base = super()
+
+        # Keras' apply_gradients calls merge_call, which tf.distribute forbids inside a cond in a replica
+        # context: merge into the cross-replica context and branch there, as Keras' LossScaleOptimizer
+        # does (keras/src/optimizers/loss_scale_optimizer.py, _tf_apply). ``apply`` is identical on every
+        # replica (decided on the summed gradients and every replica's flags), so any replica's value is
+        # the global one (Keras' own takes the first local replica's, which is not global across workers
+        # for local gradients; here it is).
+        def cross_replica(distribution, apply, reduced):
+            def update():
+                distribution.extended.call_for_each_replica(
+                    lambda grads: base.apply_reduced_gradients(optimizer, grads, variables), args=(reduced,))
+                return tf.constant(True)
+
+            flag = distribution.experimental_local_results(apply)[0]
+            return tf.cond(flag, update, lambda: tf.constant(False))
+
+        tf.distribute.get_replica_context().merge_call(cross_replica, args=(apply, reduced))
 
     # -- collectives ---------------------------------------------------------------------------
     def _all_reduce_tensor(self, value: tf.Tensor, op: str) -> tf.Tensor:

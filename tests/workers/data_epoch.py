@@ -67,6 +67,8 @@ trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=train_step, me
 even = sorted(os.path.join(args.shards, "even", f) for f in os.listdir(os.path.join(args.shards, "even"))
               if f.endswith(".tfrecord"))
 uneven = json.load(open(os.path.join(args.shards, "uneven_order.json")))  # rank 0 files: 20, rank 1: 16
+three = sorted(os.path.join(args.shards, "three", f) for f in os.listdir(os.path.join(args.shards, "three"))
+               if f.endswith(".tfrecord"))  # 3 x 12 examples: dealt whole, rank 0 would read 24 and rank 1 12
 with open(os.path.join(args.shards, "elements.json")) as f:
     n_elements = json.load(f)["examples"]
 rng = np.random.default_rng(0)
@@ -95,6 +97,7 @@ CASES = {
     "elements_pad": (D.from_dataset(element_ds), dict(remainder="pad", shuffle_seed=3)),
     "files_pad": (D.from_files(even), dict(remainder="pad", shuffle_seed=3)),
     "uneven_drop": (D.from_files(uneven), dict(remainder="drop")),
+    "three_drop": (D.from_files(three), dict(remainder="drop")),
     "uneven_pad": (D.from_files(uneven), dict(remainder="pad")),
     "uneven_fn_unknown": (file_fn(uneven, "drop", unknown=True), {}),
     "uneven_fn_repeat": (file_fn(uneven, "drop", repeat=True), dict(steps_per_epoch=6)),
