@@ -21,7 +21,7 @@ demo: setup
 	@echo "== TensorBoard logs of both runs are under runs/: $(VENV)/bin/tensorboard --logdir runs"
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 bench: setup
 	$(PY) bench/run.py --out docs/benchmarks.md

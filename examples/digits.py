@@ -1,4 +1,4 @@
-"""The demo: a small classifier on scikit-learn's embedded 8x8 handwritten digits (1,797 real images,
+"""The demo: a small classifier on the 8x8 handwritten digits of examples/data (1,797 real images,
 no download), trained data-parallel with disttrain. Rank 0 alone prints per-epoch loss and validation
 accuracy.
 
@@ -31,9 +31,9 @@ def load_digits(validation: int = 360):
     """Features scaled to [0, 1], a fixed shuffled split: (train, validation) datasets of examples."""
     import numpy as np
     import tensorflow as tf
-    from sklearn.datasets import load_digits as sk_digits
+    from digits_data import load_digits as read_digits
 
-    images, labels = sk_digits(return_X_y=True)
+    images, labels = read_digits()
     order = np.random.default_rng(0).permutation(len(labels))
     x = (images[order] / 16.0).astype("float32")
     y = labels[order].astype("int32")

@@ -1,4 +1,4 @@
-"""Sharded TFRecord input: train a classifier on scikit-learn's 8x8 digits read from shard files.
+"""Sharded TFRecord input: train a classifier on the 8x8 digits of examples/data read from shard files.
 
 Writes the digits into TFRecord shards (``disttrain.shards.write_shards``), trains with file sharding
 (each rank reads its own files) and evaluates exactly with pad-and-mask. Runs unchanged on every backend:
@@ -29,13 +29,13 @@ def write_digits(directory: str, shards: int, backend) -> tuple[list[str], list[
     """Rank 0 writes train/test shards; the others wait for it (a barrier) and list the files."""
     import numpy as np
     import tensorflow as tf
-    from sklearn.datasets import load_digits
+    from digits_data import load_digits
 
     train_dir, test_dir = os.path.join(directory, "train"), os.path.join(directory, "test")
     if backend.is_chief:
-        digits = load_digits()
-        x = (digits.data / 16.0).astype("float32")
-        y = digits.target.astype("int64")
+        images, labels = load_digits()
+        x = (images / 16.0).astype("float32")
+        y = labels
         order = np.random.default_rng(0).permutation(len(x))
         x, y = x[order], y[order]
         split = 1500  # 297 test examples: not a multiple of the batch, so evaluation pads

