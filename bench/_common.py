@@ -36,6 +36,15 @@ def interleaved(variants: dict[str, Callable[[], float]], *, reps: int) -> dict[
     return out
 
 
+def epoch_times(epochs: dict[str, Callable[[], object]], *, steps: int, reps: int) -> tuple[dict, dict]:
+    """Times one-epoch callables of ``steps`` steps each: one warm-up call each (tracing), then ``reps``
+    interleaved repetitions. Returns ``(seconds per step by variant, median ms per step by variant)``."""
+    for fn in epochs.values():
+        fn()
+    per_step = interleaved({k: (lambda fn=fn: timed(fn) / steps) for k, fn in epochs.items()}, reps=reps)
+    return per_step, {k: sorted(v)[len(v) // 2] * 1e3 for k, v in per_step.items()}
+
+
 def timed(fn: Callable[[], object], *, repeat: int = 1) -> float:
     """Seconds per call of ``fn`` over ``repeat`` calls."""
     start = time.perf_counter()

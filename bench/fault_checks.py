@@ -60,11 +60,7 @@ def main(argv=None) -> int:
     for name, (widths, batch, steps) in MODELS.items():
         steps = max(16, int(steps * args.scale))
         variants = {k: trainer_epoch(backend, widths, batch, steps, options) for k, options in VARIANTS.items()}
-        for fn in variants.values():  # warm-up: tracing
-            fn()
-        per_step = _common.interleaved({k: (lambda fn=fn: _common.timed(fn) / steps) for k, fn in variants.items()},
-                                       reps=args.reps)
-        ms = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in per_step.items()}
+        per_step, ms = _common.epoch_times(variants, steps=steps, reps=args.reps)
         for check, goal in (("nonfinite", "<= 1.03"), ("watchdog", "<= 1.03"), ("drift", "<= 1.03")):
             rows.append((f"F {name.split()[0]} {check}", f"{check} / off, {name}, batch {batch}",
                          _common.ratios(per_step[check], per_step["off"]), goal,

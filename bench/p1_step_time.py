@@ -115,12 +115,8 @@ def main(argv=None) -> int:
                     "hand": hand_written(widths, batch, steps, 1),
                     "disttrain16": with_disttrain(backend, widths, batch, steps, 16),
                     "hand16": hand_written(widths, batch, steps, 16)}
-        for fn in variants.values():  # warm-up: tracing
-            fn()
-        per_step = _common.interleaved({k: (lambda fn=fn: _common.timed(fn) / steps) for k, fn in variants.items()},
-                                       reps=args.reps)
+        per_step, ms = _common.epoch_times(variants, steps=steps, reps=args.reps)
         times[name] = per_step
-        ms = {k: sorted(v)[len(v) // 2] * 1e3 for k, v in per_step.items()}
         rows.append((f"P1 {name.split()[0]} K=1", f"disttrain / hand-written, {name}, batch {batch}",
                      _common.ratios(per_step["disttrain"], per_step["hand"]), "<= 1.03",
                      f"{ms['disttrain']:.3f} vs {ms['hand']:.3f} ms/step, {steps} steps a repetition"))

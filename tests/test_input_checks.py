@@ -2,7 +2,8 @@
 element specs that differ between ranks, a variable changed on one replica only (the drift check), an
 empty dataset, integer labels against float predictions.
 
-Multi-process: tests/workers/checks.py runs every case in ONE launch per backend (Horovod gloo,
+Multi-process: tests/workers/checks.py runs every case in ONE launch per backend (with the non-finite
+cases: tests/fault_launches.py) (Horovod gloo,
 MultiWorker, Mirrored on 2 logical devices). In-process: the single-device cases and the pieces.
 """
 
@@ -17,7 +18,7 @@ import disttrain as dt
 from disttrain import data_checks
 from disttrain.backends.single import SingleBackend
 from fake_ranks import run_ranks
-from launchers import WORKERS, run
+from fault_launches import TIMEOUT, launch
 
 BACKENDS = ["horovod-gloo", "multiworker", "mirrored"]
 _results: dict = {}
@@ -26,14 +27,13 @@ _results: dict = {}
 def results(backend, tmp_path_factory):
     """Every rank's ``{case: {"error": ..., "seconds": ...}}`` of ``backend``'s one launch."""
     if backend not in _results:
-        out = tmp_path_factory.mktemp(f"checks-{backend}")
-        run(backend, WORKERS / "checks.py", ["--out", str(out)], timeout=300)
+        out, _ = launch(backend, tmp_path_factory)  # one launch with tests/test_nonfinite.py's cases
         ranks = 1 if backend == "mirrored" else 2
         _results[backend] = [json.loads((out / f"checks_rank{r}.json").read_text()) for r in range(ranks)]
     return _results[backend]
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(TIMEOUT + 60)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_rank_fails_fast_with_the_same_explanation(backend, tmp_path_factory):
     ranks = results(backend, tmp_path_factory)

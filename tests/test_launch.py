@@ -8,6 +8,7 @@ The end-to-end restart of a checkpointed TensorFlow run is in tests/test_restart
 import json
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -179,3 +180,20 @@ def test_host_lists_and_host_files_fill_slots_in_order(tmp_path):
         read_hostfile(str(hostfile))
     with pytest.raises(ValueError, match="host 'a' appears twice"):
         parse_hosts("a:1,a:2")
+
+
+def test_a_request_to_a_guard_that_has_exited_is_dropped_and_closing_its_pipe_does_not_raise():
+    """The supervisor asks a guard to stop its worker after the guard has exited: the write fails (the
+    request stays in the pipe's buffer) and closing the pipe must not raise BrokenPipeError from that
+    buffer (it once did, turning a worker's exit code 124 into the launcher's own traceback and exit 1)."""
+    import types
+
+    from disttrain.launcher.supervisor import _Worker
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"], stdin=subprocess.PIPE)
+    proc.wait(timeout=60)
+    worker = _Worker(types.SimpleNamespace(rank=1, host="localhost"), proc, [])
+    worker.send("TERM")
+    worker.send("KILL")
+    worker.close()
+    assert proc.stdin.closed

@@ -1,6 +1,7 @@
 """A real NaN in ONE replica's data at global step 3: on_nonfinite = raise / skip / ignore on every backend.
 
-One launch per backend (tests/workers/nonfinite.py runs the three modes and two references in turn).
+One launch per backend (tests/workers/nonfinite.py runs the three modes and two references in turn;
+tests/fault_launches.py adds the input checks to it where both run).
 "raise" names the step and the rank and leaves the weights of the first two steps; "skip" skips the
 update on every rank and ends bitwise where a run without that batch ends (weights, optimizer slots and
 ``iterations``); "ignore" lets the NaN into every rank's weights, as before. Every rank holds the same
@@ -15,7 +16,8 @@ import numpy as np
 import pytest
 
 from disttrain import nonfinite
-from launchers import BACKENDS, WORKERS, run
+from fault_launches import TIMEOUT, launch
+from launchers import BACKENDS
 
 # (rank, replica, replicas) that holds the NaN: the last replica's slice of the third batch
 WHERE = {"single": (0, 0, 1), "mirrored": (0, 1, 2)}
@@ -27,10 +29,10 @@ def _weights(path):
         return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(TIMEOUT + 60)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_nan_on_one_replica_is_raised_skipped_or_ignored_alike_on_every_rank(backend, tmp_path):
-    proc = run(backend, WORKERS / "nonfinite.py", ["--out", str(tmp_path)], timeout=300)
+def test_a_nan_on_one_replica_is_raised_skipped_or_ignored_alike_on_every_rank(backend, tmp_path_factory):
+    tmp_path, proc = launch(backend, tmp_path_factory)  # with tests/test_input_checks.py's cases where it can
     rank, replica, replicas = WHERE.get(backend, DEFAULT_WHERE)
     ranks = 1 if backend in WHERE else 2
     found = f"at global step 3 (epoch 1, step 3/8) on rank {rank} (replica {replica} of {replicas})"

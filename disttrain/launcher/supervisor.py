@@ -63,6 +63,15 @@ class _Worker:
         except (BrokenPipeError, ValueError, OSError):
             pass
 
+    def close(self) -> None:
+        """Closes the pipe to the guard. A request that could not be written (the guard had exited) is
+        still in the pipe's buffer, and closing would flush it again: the BrokenPipeError that raises is
+        expected and dropped."""
+        try:
+            self.proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass
+
 
 class Supervisor:
     """Runs plans of workers under the rules in this module's docstring.
@@ -192,7 +201,7 @@ class Supervisor:
                 for pump in w.pumps:
                     pump.join(timeout=5)
                 if w.proc.stdin:
-                    w.proc.stdin.close()
+                    w.close()
         codes = [w.code for w in workers]
         if mode == "timeout":
             return False, TIMED_OUT
