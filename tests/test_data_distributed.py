@@ -1,48 +1,25 @@
 """Real multi-process runs: every example exactly once per epoch, and uneven shards never hang.
 
-Each backend runs tests/workers/data_epoch.py once (all cases in one launch, 2 epochs each); the worker
-records the example ids each rank consumed, and the ids merged over all ranks through the backend.
+Each backend runs tests/workers/data_epoch.py once (all cases, 2 epochs each, in one job of its shared
+launch: tests/shared_launches.py, which also writes the shard files); the worker records the example ids
+each rank consumed, and the ids merged over all ranks through the backend.
 """
 
 import json
 
 import numpy as np
 import pytest
-import tensorflow as tf
 
-from disttrain import shards as S
-from launchers import WORKERS, run
+from shared_launches import TIMEOUT, job
 
-SCRIPT = WORKERS / "data_epoch.py"
 GB = 8
 BACKENDS = ["horovod-gloo", "multiworker", "mirrored"]
 
 
-def rows(n, first=0):
-    rng = np.random.default_rng(first)
-    return tf.data.Dataset.from_tensor_slices(
-        {"id": np.arange(first, first + n, dtype=np.int64), "x": rng.normal(size=(n, 3)).astype("float32"),
-         "y": rng.normal(size=n).astype("float32")})
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    S.write_shards(rows(37), root / "even", num_shards=4)  # 10, 9, 9, 9 examples
-    a = S.write_shards(rows(20), root / "uneven", num_shards=2, prefix="a")  # ids 0-19: 10 + 10
-    b = S.write_shards(rows(16, first=20), root / "uneven", num_shards=2, prefix="b")  # ids 20-35: 8 + 8
-    # Pipeline 0 of 2 reads files 0 and 2 (a: 20 examples = 5 batches of 4), pipeline 1 files 1 and 3 (16 = 4).
-    (root / "uneven_order.json").write_text(json.dumps([a[0], b[0], a[1], b[1]]))
-    S.write_shards(rows(36), root / "three", num_shards=3)  # 12 + 12 + 12
-    (root / "elements.json").write_text(json.dumps({"examples": 45}))
-    return root
-
-
-def launch(backend, shards, tmp_path):
-    # The launcher's hard timeout (a hang fails here and kills every worker) stays below pytest's.
-    run(backend, SCRIPT, ["--out", str(tmp_path), "--shards", str(shards)], timeout=240)
+def launch(backend, tmp_path_factory):
+    out = job(backend, "data", tmp_path_factory).out
     ranks = 1 if backend == "mirrored" else 2
-    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(ranks)]
+    results = [json.loads((out / f"rank{r}.json").read_text()) for r in range(ranks)]
     assert all(r["replicas"] == 2 for r in results), results
     return results
 
@@ -52,10 +29,10 @@ def exactly_once(counts, n):
     return counts[:n].tolist() == [1] * n and not counts[n:].any()
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(TIMEOUT + 60)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_every_example_once_per_epoch_and_uneven_shards_end_together(backend, shards, tmp_path):
-    results = launch(backend, shards, tmp_path)
+def test_every_example_once_per_epoch_and_uneven_shards_end_together(backend, tmp_path_factory):
+    results = launch(backend, tmp_path_factory)
     ranks = len(results)
     for epoch in range(2):
         case = lambda name: [r[f"{name}/{epoch}"] for r in results]  # noqa: E731

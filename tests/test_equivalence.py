@@ -7,7 +7,8 @@ precision (float16 and bfloat16, LossScaleOptimizer) on data with one inf exampl
 skipped everywhere and counted in the logs. The same
 launch then checks gradient compression: known per-replica tensors reduced with fp16 / bf16 (in small
 buckets) must equal their sum taken in that dtype, and the SGD training with compression stays within
-the tolerance the dtype implies, identical on every rank.
+the tolerance the dtype implies, identical on every rank. The worker is one job of each backend's shared
+launch (tests/shared_launches.py).
 """
 
 import json
@@ -16,9 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from launchers import WORKERS, run
-
-SCRIPT = WORKERS / "equivalence.py"
+from shared_launches import TIMEOUT, job
 
 
 WIRE = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16, "none": None}
@@ -35,17 +34,15 @@ def load(directory, optimizer, rank):
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("single")
-    run("single", SCRIPT, ["--out", str(out)], timeout=180)
-    return out
+    return job("single", "equivalence", tmp_path_factory).out
 
 
-# (launcher, expected backend, logical CPUs per process, replicas in sync)
+# launcher: (expected backend, replicas in sync)
 CASES = {
-    "mirrored": ("mirrored", None, 2),
-    "multiworker": ("multiworker", None, 2),
-    "horovod-gloo": ("horovod", None, 2),
-    "horovod-mpi": ("horovod", None, 2),
+    "mirrored": ("mirrored", 2),
+    "multiworker": ("multiworker", 2),
+    "horovod-gloo": ("horovod", 2),
+    "horovod-mpi": ("horovod", 2),
 }
 
 
@@ -68,6 +65,7 @@ def check_mixed_precision(case, directory, reference, processes, infos):
             assert rel <= tolerance, f"{case}/{policy}: relative difference {rel:.2e} from one device > {tolerance}"
 
 
+@pytest.mark.timeout(TIMEOUT + 60)
 def test_one_device_accumulation_and_mixed_precision(reference):
     info = json.loads((reference / "info_rank0.json").read_text())
     check_mixed_precision("single", reference, None, 1, [info])
@@ -79,12 +77,13 @@ def test_one_device_accumulation_and_mixed_precision(reference):
     np.testing.assert_allclose(info["spe_loss"], info["adam_loss"], rtol=1e-6)
 
 
+@pytest.mark.timeout(2 * TIMEOUT + 60)  # this backend's launch, and the reference's if not run yet
 @pytest.mark.parametrize("case", list(CASES))
-def test_backend_matches_single_device(case, reference, tmp_path):
+def test_backend_matches_single_device(case, reference, tmp_path_factory):
     """The launcher's environment alone picks the backend (--backend auto)."""
     launcher = case
-    expected_backend, cpu_replicas, replicas = CASES[case]
-    run(launcher, SCRIPT, ["--out", str(tmp_path)], timeout=240, auto=True, cpu_replicas=cpu_replicas)
+    expected_backend, replicas = CASES[case]
+    tmp_path = job(launcher, "equivalence", tmp_path_factory).out
     processes = 1 if launcher == "mirrored" else 2
     infos = [json.loads((tmp_path / f"info_rank{r}.json").read_text()) for r in range(processes)]
     assert [i["rank"] for i in infos] == list(range(processes))

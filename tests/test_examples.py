@@ -10,23 +10,25 @@ import re
 import numpy as np
 import pytest
 
-from launchers import EXAMPLES, WORKERS, run
+from shared_launches import TIMEOUT, job
 from workers.seed_examples import MARKER, PROGRAMS
 
 LAUNCHERS = ["single", "mirrored", "multiworker", "horovod-gloo"]
+pytestmark = pytest.mark.timeout(TIMEOUT + 60)  # a test may start its backend's shared launch
 
 
 _RUNS: dict = {}
 
 
 def seed_runs(launcher, tmp_path_factory) -> dict:
-    """The four seed programs run in one launch per launcher (tests/workers/seed_examples.py): for each
-    program, its JSON record and its own part of the launch's stdout."""
+    """The four seed programs run one after another (tests/workers/seed_examples.py, a job of the
+    launcher's shared launch: tests/shared_launches.py): for each program, its JSON record and its own
+    part of rank 0's stdout."""
     if launcher not in _RUNS:
-        out_dir = tmp_path_factory.mktemp(f"seed_{launcher}")
-        proc = run(launcher, WORKERS / "seed_examples.py", ["--out-dir", str(out_dir)], timeout=420)
-        lines = proc.stdout.splitlines()
-        assert not any(line.startswith(("[1]", "[1]<stdout>")) for line in lines), proc.stdout  # rank 0 only
+        launched = job(launcher, "seed", tmp_path_factory)
+        out_dir = launched.out
+        assert all(printed == "" for printed in launched.stdout[1:]), launched.stdout  # rank 0 only
+        lines = launched.stdout[0].splitlines()
         parts, current = {}, None
         for line in lines:
             if MARKER in line:
@@ -34,7 +36,7 @@ def seed_runs(launcher, tmp_path_factory) -> dict:
                 parts[current] = []
             elif current:
                 parts[current].append(line)
-        assert sorted(parts) == sorted(PROGRAMS), proc.stdout
+        assert sorted(parts) == sorted(PROGRAMS), launched.stdout[0]
         _RUNS[launcher] = {program: (json.loads((out_dir / f"{program[:-3]}.json").read_text()), "\n".join(part))
                            for program, part in parts.items()}
     return _RUNS[launcher]
@@ -92,13 +94,11 @@ def test_loss_threshold_lr_cut(launcher, tmp_path_factory):
 
 
 @pytest.mark.parametrize("launcher", ["horovod-gloo"])
-def test_sharded_digits_reads_its_own_shards_and_learns(launcher, tmp_path):
-    out = tmp_path / "history.json"
-    run(launcher, EXAMPLES / "sharded_digits.py", ["--history-json", str(out), "--data-dir", str(tmp_path / "data")],
-        timeout=240)
-    history = json.loads(out.read_text())
+def test_sharded_digits_reads_its_own_shards_and_learns(launcher, tmp_path_factory):
+    out = job(launcher, "digits", tmp_path_factory).out
+    history = json.loads((out / "history.json").read_text())
     assert history["val_accuracy"][-1] >= 0.9, history["val_accuracy"]
-    assert len(list((tmp_path / "data").rglob("*.tfrecord"))) >= 8
+    assert len(list((out / "data").rglob("*.tfrecord"))) >= 8
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)

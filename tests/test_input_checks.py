@@ -2,9 +2,8 @@
 element specs that differ between ranks, a variable changed on one replica only (the drift check), an
 empty dataset, integer labels against float predictions.
 
-Multi-process: tests/workers/checks.py runs every case in ONE launch per backend (with the non-finite
-cases: tests/fault_launches.py) (Horovod gloo,
-MultiWorker, Mirrored on 2 logical devices). In-process: the single-device cases and the pieces.
+Multi-process: tests/workers/checks.py runs every case in one job of each backend's shared launch
+(tests/shared_launches.py) (Horovod gloo, MultiWorker, Mirrored on 2 logical devices). In-process: the single-device cases and the pieces.
 """
 
 import json
@@ -18,7 +17,7 @@ import disttrain as dt
 from disttrain import data_checks
 from disttrain.backends.single import SingleBackend
 from fake_ranks import run_ranks
-from fault_launches import TIMEOUT, launch
+from shared_launches import TIMEOUT, job
 
 BACKENDS = ["horovod-gloo", "multiworker", "mirrored"]
 _results: dict = {}
@@ -27,7 +26,7 @@ _results: dict = {}
 def results(backend, tmp_path_factory):
     """Every rank's ``{case: {"error": ..., "seconds": ...}}`` of ``backend``'s one launch."""
     if backend not in _results:
-        out, _ = launch(backend, tmp_path_factory)  # one launch with tests/test_nonfinite.py's cases
+        out = job(backend, "checks", tmp_path_factory).out
         ranks = 1 if backend == "mirrored" else 2
         _results[backend] = [json.loads((out / f"checks_rank{r}.json").read_text()) for r in range(ranks)]
     return _results[backend]

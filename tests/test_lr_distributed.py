@@ -2,7 +2,8 @@
 each rank records the same LR timeline, bit for bit, and it is the one a single process computes from
 the global mean loss (and not the one the local losses would give).
 
-One launch per backend runs all policies (tests/workers/lr_sync.py with tests/workers/lr_configs.py).
+One job of each backend's shared launch (tests/shared_launches.py) runs all policies
+(tests/workers/lr_sync.py with tests/workers/lr_configs.py).
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ import json
 import numpy as np
 import pytest
 
-from launchers import WORKERS, run
+from shared_launches import TIMEOUT, job
 from workers.lr_configs import EPOCHS, PER_REPLICA_BATCH, STEPS, make_controller, make_optimizer
 
-SCRIPT = WORKERS / "lr_sync.py"
 CONFIGS = ("float", "schedule", "cosine")
 RULES = {"loss_threshold_cut", "reduce_on_plateau", "user"}
 
@@ -56,9 +56,10 @@ def without_timing(config: dict) -> dict:
         "history": {k: v for k, v in config["history"].items() if k != "examples_per_sec"}}
 
 
+@pytest.mark.timeout(TIMEOUT + 60)
 @pytest.mark.parametrize("backend", ["single", "mirrored", "multiworker", "horovod-gloo"])
-def test_lr_timeline_identical_on_every_rank_and_decided_on_global_loss(backend, tmp_path):
-    run(backend, SCRIPT, ["--out", str(tmp_path)], timeout=420)
+def test_lr_timeline_identical_on_every_rank_and_decided_on_global_loss(backend, tmp_path_factory):
+    tmp_path = job(backend, "lr", tmp_path_factory).out
     processes = 1 if backend in ("single", "mirrored") else 2
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(processes)]
     replicas = ranks[0]["replicas"]

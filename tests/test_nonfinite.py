@@ -1,7 +1,7 @@
 """A real NaN in ONE replica's data at global step 3: on_nonfinite = raise / skip / ignore on every backend.
 
-One launch per backend (tests/workers/nonfinite.py runs the three modes and two references in turn;
-tests/fault_launches.py adds the input checks to it where both run).
+tests/workers/nonfinite.py runs the three modes and two references in turn, in one job of each backend's
+shared launch (tests/shared_launches.py).
 "raise" names the step and the rank and leaves the weights of the first two steps; "skip" skips the
 update on every rank and ends bitwise where a run without that batch ends (weights, optimizer slots and
 ``iterations``); "ignore" lets the NaN into every rank's weights, as before. Every rank holds the same
@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from disttrain import nonfinite
-from fault_launches import TIMEOUT, launch
+from shared_launches import TIMEOUT, job
 from launchers import BACKENDS
 
 # (rank, replica, replicas) that holds the NaN: the last replica's slice of the third batch
@@ -32,7 +32,8 @@ def _weights(path):
 @pytest.mark.timeout(TIMEOUT + 60)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_nan_on_one_replica_is_raised_skipped_or_ignored_alike_on_every_rank(backend, tmp_path_factory):
-    tmp_path, proc = launch(backend, tmp_path_factory)  # with tests/test_input_checks.py's cases where it can
+    launched = job(backend, "nonfinite", tmp_path_factory)
+    tmp_path = launched.out
     rank, replica, replicas = WHERE.get(backend, DEFAULT_WHERE)
     ranks = 1 if backend in WHERE else 2
     found = f"at global step 3 (epoch 1, step 3/8) on rank {rank} (replica {replica} of {replicas})"
@@ -61,7 +62,7 @@ def test_a_nan_on_one_replica_is_raised_skipped_or_ignored_alike_on_every_rank(b
     assert all(np.array_equal(a, b) for a, b in zip(weights["skip"][0], weights["without_bad_batch"][0]))
     assert all(np.isfinite(w).all() for w in weights["skip"][0])
     assert any(np.isnan(w).any() for w in weights["ignore"][0])  # as before: NaN weights on every rank
-    output = proc.stdout + proc.stderr
+    output = "".join(launched.stdout) + launched.launch.stderr
     assert output.count(f"disttrain: non-finite loss and gradients {found}: the update was skipped on every rank "
                         "(1 step(s) skipped so far)") == 1, output[-3000:]  # said once, by the chief
     print(f"{backend}: fit raised after {max(r['raise_seconds'] for r in results):.1f} s (3 steps, tracing included)")

@@ -1,13 +1,13 @@
 """Real launches: only the chief writes TensorBoard files and prints; what it writes is the global value.
 
-One launch per backend checks everything at once (the runs are the expensive part):
+One job of each backend's shared launch (tests/shared_launches.py) checks everything at once:
   * event files exist only under the chief's logdir, from the chief's process, and no rank wrote
     anything else (its working directory stays empty);
   * TensorBoard's own reader (EventAccumulator) finds the step/epoch scalars, histograms and the
     config text, and its values equal the history and step logs each rank reports;
   * every rank's callbacks got identical step logs (they were reduced, not local);
   * the weighted metric is the exact global value and NOT the mean of the per-replica means;
-  * only rank 0 printed the progress bar.
+  * only rank 0 printed the progress bar, and the other ranks printed nothing at all.
 """
 
 import json
@@ -19,18 +19,14 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from launchers import WORKERS, run
+from shared_launches import TIMEOUT, job
 
-SCRIPT = WORKERS / "obs_train.py"
 STEPS, EPOCHS, LOG_EVERY, HIST_EVERY = 6, 2, 2, 3
 SCALARS = ["loss", "target_mean", "mse", "lr", "examples_per_sec", "step_time"]
 
-# backend -> (processes, extra worker args, how the launcher prefixes a line of rank r)
-CASES = {
-    "horovod-gloo": (2, [], lambda r: f"[{r}]<stdout>:"),
-    "multiworker": (2, ["--chief-only-callbacks"], lambda r: f"[{r}] "),
-    "mirrored": (1, [], None),
-}
+pytestmark = pytest.mark.timeout(TIMEOUT + 60)  # the first test may start the shared launch
+# backend -> processes (multiworker creates its callbacks on the chief only: see tests/shared_launches.py)
+CASES = {"horovod-gloo": 2, "multiworker": 2, "mirrored": 1}
 
 
 def read_events(logdir):
@@ -46,12 +42,9 @@ def read_events(logdir):
 @pytest.fixture(scope="module", params=list(CASES))
 def launched(request, tmp_path_factory):
     backend = request.param
-    processes, extra, _ = CASES[backend]
-    out = tmp_path_factory.mktemp(backend)
-    (out / "work").mkdir()
-    proc = run(backend, SCRIPT, ["--out", str(out)] + extra, timeout=300)
-    infos = [json.loads((out / f"rank{r}.json").read_text()) for r in range(processes)]
-    return backend, out, infos, proc
+    launch = job(backend, "obs", tmp_path_factory)
+    infos = [json.loads((launch.out / f"rank{r}.json").read_text()) for r in range(CASES[backend])]
+    return backend, launch.out, infos, launch.stdout
 
 
 def test_only_the_chief_writes_files(launched):
@@ -144,20 +137,12 @@ def test_metric_is_exact_not_mean_of_means(launched):
 
 
 def test_only_rank_zero_prints_progress(launched):
-    backend, _, infos, proc = launched
-    prefix = CASES[backend][2]
+    _, _, _, stdout = launched  # each rank's own stdout during this run
+    for r, printed in enumerate(stdout[1:], start=1):
+        assert printed == "", f"rank {r} printed:\n{printed}"
     progress = re.compile(r"epoch \d+/\d+ \d+/\d+ - ")
-    if prefix is None:
-        shown = [line for line in proc.stdout.splitlines() if progress.search(line)]
-    else:
-        shown = [line for line in proc.stdout.splitlines() if line.startswith(prefix(0)) and progress.search(line)]
-        for r in range(1, len(infos)):
-            from_r = [line for line in proc.stdout.splitlines() if line.startswith(prefix(r))]
-            noisy = [line for line in from_r if progress.search(line) or re.search(r"TensorBoard logs|\bloss \d", line)]
-            if backend.startswith("horovod"):  # stdout is tagged apart from stderr (TF's warnings): must be empty
-                noisy = from_r
-            assert not noisy, f"rank {r} printed:\n" + "\n".join(noisy)
+    shown = [line for line in stdout[0].splitlines() if progress.search(line)]
     # per epoch: the step-log lines before the last step, then the epoch line (plain lines: not a tty)
-    assert len(shown) == EPOCHS * (STEPS // LOG_EVERY), proc.stdout[-3000:]
+    assert len(shown) == EPOCHS * (STEPS // LOG_EVERY), stdout[0][-3000:]
     assert all("target_mean" in line and "lr " in line for line in shown)
     assert sum("val_target_mean" in line for line in shown) == EPOCHS
