@@ -401,8 +401,10 @@ class Trainer:
             self.history = {k: list(v) for k, v in resume.history.items()}
         self._dispatch("on_train_begin")
         logs: dict[str, float] = {}
-        try:
-            with session.watcher if session is not None else contextlib.nullcontext(), self._watching():
+        # The signal watcher stays installed until a preempted process has exited: a launcher that signals
+        # again while it ends (horovodrun does) must not turn its exit code 42 into 143.
+        with session.watcher if session is not None else contextlib.nullcontext(), self._watching():
+            try:
                 for epoch in range(first_epoch, initial_epoch + epochs):
                     logs = self._train_epoch(
                         data, epoch=epoch, steps_per_epoch=steps_per_epoch, shuffle_seed=shuffle_seed,
@@ -414,11 +416,11 @@ class Trainer:
                         break
                 if session is not None:
                     session.save_at_end()
-        except Preempted:
-            self._dispatch("on_train_end", logs)  # summaries and logs are flushed
-            if session.config.exit_on_preemption:
-                exit_now()
-            raise
+            except Preempted:
+                self._dispatch("on_train_end", logs)  # summaries and logs are flushed
+                if session.config.exit_on_preemption:
+                    exit_now()
+                raise
         self._dispatch("on_train_end", logs)
         return self.history
 

@@ -3,7 +3,8 @@
     resume.py --out DIR --stop CKPT --sigterm-rank R --sigterm-step K
         trains the model WITHOUT checkpoints (the uninterrupted reference: reference_rank<r>.npz/.json), then
         again with checkpoints in CKPT, and rank R sends itself SIGTERM after global step K (a real signal,
-        between steps): every rank must stop after step K+1, save, and exit with code 42.
+        between steps): every rank must stop after step K+1, save, and exit with code 42 (also when rank R
+        gets a second SIGTERM while it ends).
     resume.py --out DIR --resume NAME=CKPT [--resume NAME2=CKPT2 ...]
         for each: a fresh model trained with Checkpointing(CKPT), i.e. resumed from CKPT's latest
         checkpoint, possibly written by another backend; writes final_NAME_rank<r>.npz and info_NAME_rank<r>.json.
@@ -33,12 +34,17 @@ dataset = tf.data.Dataset.from_tensor_slices((x, y))
 
 
 class SelfSignal(dt.Callback):
-    """Rank R sends itself a real SIGTERM after global step K (between steps, via step logs every step)."""
+    """Rank R sends itself a real SIGTERM after global step K (between steps, via step logs every step), and
+    another one while the preempted fit ends (as a launcher that signals twice): the exit code stays 42."""
 
     def on_step_logs(self, trainer, step, logs):
         if backend.rank == args.sigterm_rank and step == args.sigterm_step:
             with open(os.path.join(args.out, "signal_time"), "w") as f:
                 f.write(repr(time.time()))
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def on_train_end(self, trainer, logs):
+        if backend.rank == args.sigterm_rank:
             os.kill(os.getpid(), signal.SIGTERM)
 
 
