@@ -2,11 +2,12 @@
 
 Starting TensorFlow and a backend costs 4-15 s a launch on these 2 cores (horovodrun alone imports
 TensorFlow once more to check its Gloo build), so the workers of several test files run one after
-another in ONE launch per backend (tests/workers/shared_runner.py): the equivalence trainings, the LR
-timelines, the data epochs, the observability run, the seed programs, the non-finite and the input-check
-cases. The backend comes from the launcher's environment alone (``--backend auto``). Each job writes into
-its own directory and each rank's stdout of each job is kept apart, so a test sees what it saw when its
-worker had a launch of its own. The launch runs when a test first asks for one of its jobs.
+another in ONE launch per backend (tests/workers/shared_runner.py): the collectives, the equivalence
+trainings, the LR timelines, the data epochs, the observability run, the seed programs, the resumes of
+checkpoints, the non-finite and the input-check cases. The backend comes from the launcher's environment
+alone (``--backend auto``). Each job writes into its own directory and each rank's stdout of each job is
+kept apart, so a test sees what it saw when its worker had a launch of its own. The launch runs when a
+test first asks for one of its jobs.
 """
 
 from __future__ import annotations
@@ -17,27 +18,34 @@ import subprocess
 from pathlib import Path
 
 from launchers import EXAMPLES, WORKERS, run
+from resume_runs import STOP_TIMEOUT, resume_args
 
-#: Hard timeout of one backend's launch; a test that may start it allows this plus a minute.
+#: Hard timeout of one backend's launch.
 TIMEOUT = 900
+#: pytest's timeout for a test that may start launches (two shared ones and the stopped runs the resume
+#: jobs need): a backstop only, each launch has its own hard timeout.
+TEST_TIMEOUT = 2 * TIMEOUT + 5 * STOP_TIMEOUT + 60
 ALL = ("single", "mirrored", "multiworker", "horovod-gloo", "horovod-mpi")
 DISTRIBUTED = ("mirrored", "multiworker", "horovod-gloo")
 
-#: name -> (script, backends that run it, its arguments given its output directory and the backend). Run
-#: in this order; the jobs that raise on purpose come last.
+#: name -> (script, backends that run it, its arguments given its output directory, the backend and pytest's
+#: tmp_path_factory). Run in this order; the jobs that raise on purpose come last.
 JOBS = {
-    "equivalence": (WORKERS / "equivalence.py", ALL, lambda out, _: ["--out", str(out)]),
-    "lr": (WORKERS / "lr_sync.py", ("single",) + DISTRIBUTED, lambda out, _: ["--out", str(out)]),
+    "collectives": (WORKERS / "collectives.py", ("single",) + DISTRIBUTED, lambda out, *_: ["--out", str(out)]),
+    "equivalence": (WORKERS / "equivalence.py", ALL, lambda out, *_: ["--out", str(out)]),
+    "lr": (WORKERS / "lr_sync.py", ("single",) + DISTRIBUTED, lambda out, *_: ["--out", str(out)]),
     "data": (WORKERS / "data_epoch.py", DISTRIBUTED,
-             lambda out, _: ["--out", str(out), "--shards", str(out.parent / "shards")]),
+             lambda out, *_: ["--out", str(out), "--shards", str(out.parent / "shards")]),
     # multiworker creates TensorBoard/JsonLinesLogger on the chief only
     "obs": (WORKERS / "obs_train.py", DISTRIBUTED,
-            lambda out, backend: ["--out", str(out)] + (["--chief-only-callbacks"] if backend == "multiworker" else [])),
-    "seed": (WORKERS / "seed_examples.py", ("single",) + DISTRIBUTED, lambda out, _: ["--out-dir", str(out)]),
+            lambda out, backend, _: ["--out", str(out)] + (["--chief-only-callbacks"] if backend == "multiworker" else [])),
+    "seed": (WORKERS / "seed_examples.py", ("single",) + DISTRIBUTED, lambda out, *_: ["--out-dir", str(out)]),
     "digits": (EXAMPLES / "sharded_digits.py", ("horovod-gloo",),
-               lambda out, _: ["--history-json", str(out / "history.json"), "--data-dir", str(out / "data")]),
-    "nonfinite": (WORKERS / "nonfinite.py", ALL, lambda out, _: ["--out", str(out)]),
-    "checks": (WORKERS / "checks.py", DISTRIBUTED, lambda out, _: ["--out", str(out)]),
+               lambda out, *_: ["--history-json", str(out / "history.json"), "--data-dir", str(out / "data")]),
+    # resumes the checkpoints of tests/test_checkpoint_resume.py's stopped runs (launched first)
+    "resume": (WORKERS / "resume.py", ALL, resume_args),
+    "nonfinite": (WORKERS / "nonfinite.py", ALL, lambda out, *_: ["--out", str(out)]),
+    "checks": (WORKERS / "checks.py", DISTRIBUTED, lambda out, *_: ["--out", str(out)]),
 }
 
 
@@ -89,7 +97,11 @@ def job(backend: str, name: str, tmp_path_factory) -> Job:
         for n in names:
             script, _, argv = JOBS[n]
             (directory / n).mkdir()
-            jobs.append({"name": n, "script": str(script), "argv": argv(directory / n, backend)})
+            try:
+                args = argv(directory / n, backend, tmp_path_factory)
+            except AssertionError:  # an input of this job failed (it fails that job's tests itself)
+                continue
+            jobs.append({"name": n, "script": str(script), "argv": args})
         if "obs" in names:
             (directory / "obs" / "work").mkdir()  # the observability run works (and must write nothing) there
         plan = directory / "plan.json"

@@ -87,7 +87,9 @@ def _sigterm_launcher_midrun(backend, out, *, after_step):
             proc.communicate()
 
 
-def test_sigterm_to_the_launcher_stops_every_worker_with_a_checkpoint_and_the_same_command_resumes(tmp_path):
+def test_sigterm_to_the_launcher_stops_every_worker_with_a_checkpoint(tmp_path):
+    """(That running the same command again resumes from that checkpoint is tests/test_checkpoint_resume.py's,
+    on every launcher.)"""
     for backend, status in LAUNCHERS.items():
         out = tmp_path / backend
         out.mkdir()
@@ -96,12 +98,4 @@ def test_sigterm_to_the_launcher_stops_every_worker_with_a_checkpoint_and_the_sa
         saved = re.search(r"preempted after global step (\d+) .*saved (\S+); exiting with code 42", output)
         assert saved and status in output, output
         assert seconds < 20 + MPI_GRACE, f"{backend}: {seconds:.1f}s from SIGTERM to the launcher's exit"
-        step, path = int(saved.group(1)), saved.group(2)
-        assert path == f"{out / 'ckpt'}/ckpt-{_latest(out / 'ckpt')}"
-        if backend != "horovod-gloo":
-            continue  # (resuming by running the command again: once here, on every backend in test_checkpoint_resume)
-        # the same command resumes from that step (and is stopped the same way again)
-        (out / "step").unlink()
-        output, seconds = _sigterm_launcher_midrun(backend, out, after_step=step + 5)
-        assert f"resuming from {path} at " in output and f"(global step {step})" in output, output
-        assert "preempted after global step" in output and seconds < 20 + MPI_GRACE, output
+        assert saved.group(2) == f"{out / 'ckpt'}/ckpt-{_latest(out / 'ckpt')}"

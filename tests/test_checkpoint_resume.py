@@ -10,41 +10,12 @@ uninterrupted run. Ten launches in all.
 """
 
 import json
-import shutil
-import time
 
 import numpy as np
 import pytest
 
-from launchers import WORKERS, run
-
-SCRIPT = WORKERS / "resume.py"
-BACKENDS = ["single", "mirrored", "horovod-gloo", "horovod-mpi", "multiworker"]
-SIGNALLED_RANK = {"single": 0, "mirrored": 0}  # the others: rank 1 of 2 processes
-PROCESSES = {"single": 1, "mirrored": 1}
-# horovodrun reports a worker's status in its message and exits 1 itself; the others pass it on.
-LAUNCHER_STATUS = {"horovod-gloo": 1}
-CROSS = {"single": ["horovod-gloo"], "mirrored": ["horovod-gloo"], "multiworker": ["horovod-gloo"],
-         "horovod-gloo": ["single", "mirrored", "multiworker"], "horovod-mpi": []}
-
-_stopped: dict = {}
-
-
-def stopped(backend, tmp_path_factory):
-    """The stopped run of ``backend`` (launched once): ``(directory, process, end time)``."""
-    if backend not in _stopped:
-        out = tmp_path_factory.mktemp(f"stop-{backend}")
-        try:
-            proc = run(backend, SCRIPT, ["--out", str(out), "--stop", str(out / "ckpt"), "--sigterm-rank",
-                                         str(SIGNALLED_RANK.get(backend, 1)), "--sigterm-step", "13"],
-                       timeout=300, returncode=LAUNCHER_STATUS.get(backend, 42))
-            _stopped[backend] = (out, proc, time.time())
-            shutil.copytree(out / "ckpt", out / "pristine")  # for the resumes on other backends
-        except Exception as err:  # noqa: BLE001 - re-raised for every test that needs this run
-            _stopped[backend] = err
-    if isinstance(_stopped[backend], Exception):
-        raise AssertionError(f"the stopped run of {backend} failed") from _stopped[backend]
-    return _stopped[backend]
+from resume_runs import BACKENDS, CROSS, PROCESSES, SIGNALLED_RANK, LAUNCHER_STATUS, STOP_TIMEOUT, stopped
+from shared_launches import TEST_TIMEOUT, job
 
 
 def weights(path):
@@ -52,6 +23,7 @@ def weights(path):
         return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
 
 
+@pytest.mark.timeout(STOP_TIMEOUT + 60)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sigterm_on_one_rank_stops_every_rank_after_the_next_step(backend, tmp_path_factory):
     out, proc, end = stopped(backend, tmp_path_factory)
@@ -64,7 +36,7 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_next_step(backend, tmp_p
         assert "Exit code: 42" in output, output
     seconds = end - float((out / "signal_time").read_text())
     assert seconds < 60, f"{seconds:.1f}s from the signal to the end of every process"
-    files = sorted(p.name for p in (out / "ckpt").iterdir())
+    files = sorted(p.name for p in (out / "pristine").iterdir())  # ckpt as the stop left it (resumes go on in it)
     # at steps 3, 6, 9, 12 (ckpt-1..4) and at the stop (ckpt-5); keep=2; no temporary directory of a worker or
     # of TF is left
     assert files == ["checkpoint", "ckpt-4.data-00000-of-00001", "ckpt-4.index", "ckpt-5.data-00000-of-00001",
@@ -76,19 +48,16 @@ def test_sigterm_on_one_rank_stops_every_rank_after_the_next_step(backend, tmp_p
     assert lr[1] == pytest.approx(0.05) and lr[2] == pytest.approx(lr[1] / 4), lr
 
 
+@pytest.mark.timeout(TEST_TIMEOUT)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_same_command_resumes_bitwise_and_other_backends_resume_its_checkpoints(backend, tmp_path_factory):
     own, _, _ = stopped(backend, tmp_path_factory)
-    out = tmp_path_factory.mktemp(f"resume-{backend}")
-    resumes = [f"own={own / 'ckpt'}"]
     for writer in CROSS[backend]:
-        directory, _, _ = stopped(writer, tmp_path_factory)
-        shutil.copytree(directory / "pristine", out / writer)
-        resumes.append(f"{writer}={out / writer}")
-    args = ["--out", str(out)] + [a for r in resumes for a in ("--resume", r)]
-    proc = run(backend, SCRIPT, args, timeout=300)
-    output = proc.stdout + proc.stderr
-    assert output.count("ckpt-5 at epoch 3, step 4 (global step 14)") == len(resumes), output
+        stopped(writer, tmp_path_factory)
+    resumed = job(backend, "resume", tmp_path_factory)
+    out = resumed.out
+    output = "".join(resumed.stdout) + resumed.launch.stderr
+    assert output.count("ckpt-5 at epoch 3, step 4 (global step 14)") == 1 + len(CROSS[backend]), output[-6000:]
     for rank in range(PROCESSES.get(backend, 2)):
         expected = weights(own / f"reference_rank{rank}.npz")
         got = weights(out / f"final_own_rank{rank}.npz")

@@ -1,17 +1,19 @@
-"""The backend protocol's collectives give the right, identical answers on every rank."""
+"""The backend protocol's collectives give the right, identical answers on every rank (a job of each
+backend's shared launch: tests/shared_launches.py)."""
 
 import json
 
 import pytest
 
-from launchers import WORKERS, run
+from shared_launches import TEST_TIMEOUT, job
 
 
+@pytest.mark.timeout(TEST_TIMEOUT)
 @pytest.mark.parametrize("launcher,backend,size", [
     ("single", "single", 1), ("mirrored", "mirrored", 1),
     ("multiworker", "multiworker", 2), ("horovod-gloo", "horovod", 2)])
-def test_collectives(launcher, backend, size, tmp_path):
-    run(launcher, WORKERS / "collectives.py", ["--out", str(tmp_path)], timeout=180)
+def test_collectives(launcher, backend, size, tmp_path_factory):
+    tmp_path = job(launcher, "collectives", tmp_path_factory).out
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(size)]
     ranks = range(size)
     for r, res in zip(ranks, results):

@@ -409,7 +409,7 @@ def test_local_steps_without_building_match_the_built_pipelines(shard_dir, remai
         for source in sources:
             for pipelines, local in [(1, 1), (2, 1), (2, 2), (3, 1)]:
                 for p in range(pipelines):
-                    for epoch in range(3):
+                    for epoch in range(2):  # the file order changes with the epoch
                         ctx = context(pipelines, p, local, 4 * pipelines * local)
                         try:
                             built = source.build(ctx, seed=2, epoch=epoch, remainder=remainder)

@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from shared_launches import TIMEOUT, job
+from shared_launches import TEST_TIMEOUT, job
 
 GB = 8
 BACKENDS = ["horovod-gloo", "multiworker", "mirrored"]
@@ -29,7 +29,7 @@ def exactly_once(counts, n):
     return counts[:n].tolist() == [1] * n and not counts[n:].any()
 
 
-@pytest.mark.timeout(TIMEOUT + 60)
+@pytest.mark.timeout(TEST_TIMEOUT)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_example_once_per_epoch_and_uneven_shards_end_together(backend, tmp_path_factory):
     results = launch(backend, tmp_path_factory)

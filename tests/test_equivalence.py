@@ -17,7 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from shared_launches import TIMEOUT, job
+from shared_launches import TEST_TIMEOUT, job
 
 
 WIRE = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16, "none": None}
@@ -65,7 +65,7 @@ def check_mixed_precision(case, directory, reference, processes, infos):
             assert rel <= tolerance, f"{case}/{policy}: relative difference {rel:.2e} from one device > {tolerance}"
 
 
-@pytest.mark.timeout(TIMEOUT + 60)
+@pytest.mark.timeout(TEST_TIMEOUT)
 def test_one_device_accumulation_and_mixed_precision(reference):
     info = json.loads((reference / "info_rank0.json").read_text())
     check_mixed_precision("single", reference, None, 1, [info])
@@ -77,7 +77,7 @@ def test_one_device_accumulation_and_mixed_precision(reference):
     np.testing.assert_allclose(info["spe_loss"], info["adam_loss"], rtol=1e-6)
 
 
-@pytest.mark.timeout(2 * TIMEOUT + 60)  # this backend's launch, and the reference's if not run yet
+@pytest.mark.timeout(TEST_TIMEOUT)
 @pytest.mark.parametrize("case", list(CASES))
 def test_backend_matches_single_device(case, reference, tmp_path_factory):
     """The launcher's environment alone picks the backend (--backend auto)."""

@@ -10,11 +10,11 @@ import re
 import numpy as np
 import pytest
 
-from shared_launches import TIMEOUT, job
+from shared_launches import TEST_TIMEOUT, job
 from workers.seed_examples import MARKER, PROGRAMS
 
 LAUNCHERS = ["single", "mirrored", "multiworker", "horovod-gloo"]
-pytestmark = pytest.mark.timeout(TIMEOUT + 60)  # a test may start its backend's shared launch
+pytestmark = pytest.mark.timeout(TEST_TIMEOUT)  # a test may start its backend's shared launch
 
 
 _RUNS: dict = {}

@@ -17,7 +17,7 @@ import disttrain as dt
 from disttrain import data_checks
 from disttrain.backends.single import SingleBackend
 from fake_ranks import run_ranks
-from shared_launches import TIMEOUT, job
+from shared_launches import TEST_TIMEOUT, job
 
 BACKENDS = ["horovod-gloo", "multiworker", "mirrored"]
 _results: dict = {}
@@ -32,7 +32,7 @@ def results(backend, tmp_path_factory):
     return _results[backend]
 
 
-@pytest.mark.timeout(TIMEOUT + 60)
+@pytest.mark.timeout(TEST_TIMEOUT)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_rank_fails_fast_with_the_same_explanation(backend, tmp_path_factory):
     ranks = results(backend, tmp_path_factory)

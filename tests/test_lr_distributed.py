@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 
-from shared_launches import TIMEOUT, job
+from shared_launches import TEST_TIMEOUT, job
 from workers.lr_configs import EPOCHS, PER_REPLICA_BATCH, STEPS, make_controller, make_optimizer
 
 CONFIGS = ("float", "schedule", "cosine")
@@ -56,7 +56,7 @@ def without_timing(config: dict) -> dict:
         "history": {k: v for k, v in config["history"].items() if k != "examples_per_sec"}}
 
 
-@pytest.mark.timeout(TIMEOUT + 60)
+@pytest.mark.timeout(TEST_TIMEOUT)
 @pytest.mark.parametrize("backend", ["single", "mirrored", "multiworker", "horovod-gloo"])
 def test_lr_timeline_identical_on_every_rank_and_decided_on_global_loss(backend, tmp_path_factory):
     tmp_path = job(backend, "lr", tmp_path_factory).out

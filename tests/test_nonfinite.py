@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from disttrain import nonfinite
-from shared_launches import TIMEOUT, job
+from shared_launches import TEST_TIMEOUT, job
 from launchers import BACKENDS
 
 # (rank, replica, replicas) that holds the NaN: the last replica's slice of the third batch
@@ -29,7 +29,7 @@ def _weights(path):
         return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
 
 
-@pytest.mark.timeout(TIMEOUT + 60)
+@pytest.mark.timeout(TEST_TIMEOUT)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_nan_on_one_replica_is_raised_skipped_or_ignored_alike_on_every_rank(backend, tmp_path_factory):
     launched = job(backend, "nonfinite", tmp_path_factory)

@@ -19,12 +19,12 @@ import pytest
 from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
-from shared_launches import TIMEOUT, job
+from shared_launches import TEST_TIMEOUT, job
 
 STEPS, EPOCHS, LOG_EVERY, HIST_EVERY = 6, 2, 2, 3
 SCALARS = ["loss", "target_mean", "mse", "lr", "examples_per_sec", "step_time"]
 
-pytestmark = pytest.mark.timeout(TIMEOUT + 60)  # the first test may start the shared launch
+pytestmark = pytest.mark.timeout(TEST_TIMEOUT)  # the first test may start the shared launch
 # backend -> processes (multiworker creates its callbacks on the chief only: see tests/shared_launches.py)
 CASES = {"horovod-gloo": 2, "multiworker": 2, "mirrored": 1}
 

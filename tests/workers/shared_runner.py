@@ -8,8 +8,9 @@ script's ``__main__`` exactly as ``python SCRIPT --backend B [--cpu-replicas N] 
 ``dt.get_backend`` call returns the backend created here), after ``keras.backend.clear_session()`` (fresh
 layer names and dtype policy, as in a new process), in this process's working directory. While a job
 runs, this rank's stdout (file descriptor 1) goes to ``D/<name>.stdout.rank<r>``, so a test sees
-exactly what each rank printed in each job; ``D/<name>.done.rank<r>`` marks a job that returned. A job
-that raises ends the process with its traceback on stderr (the later jobs don't run).
+exactly what each rank printed in each job; ``D/<name>.done.rank<r>`` marks a job that returned (it
+holds the seconds the job took). A job that raises ends the process with its traceback on stderr (the
+later jobs don't run).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import json
 import os
 import runpy
 import sys
+import time
 
 
 def main() -> None:
@@ -40,6 +42,7 @@ def main() -> None:
         keras.backend.clear_session()
         path = os.path.join(plan["dir"], f"{job['name']}.%s.rank{backend.rank}")
         sys.argv = [job["script"]] + common + job["argv"]
+        started = time.perf_counter()
         sys.stdout.flush()
         saved = os.dup(1)
         with open(path % "stdout", "w") as captured:
@@ -54,8 +57,8 @@ def main() -> None:
             os.dup2(saved, 1)
             os.close(saved)
             os.chdir(cwd)
-        with open(path % "done", "w"):
-            pass
+        with open(path % "done", "w") as done:
+            done.write(f"{time.perf_counter() - started:.1f}\n")  # seconds the job took
 
 
 if __name__ == "__main__":
