@@ -1,6 +1,6 @@
 """Cost of the fault checks on a healthy run: step time with each check / with all of them off.
 
-    python bench/fault_checks.py [--reps 7] [--scale 1.0]
+    python bench/fault_checks.py [--reps 5] [--scale 1.0]
 
 One device, 1 thread, the Trainer with the same model, data and batch in every variant (P1's tiny MLP
 and its 3x1024 MLP, Adam), one epoch per repetition after a warm-up epoch, variants interleaved:
@@ -52,7 +52,7 @@ def trainer_epoch(backend, widths, batch, steps, options):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the steps per repetition")
     args = parser.parse_args(argv)
     backend = dt.get_backend("single")

@@ -35,7 +35,7 @@ MODES = ("input", "cached", "end_to_end")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--np", type=int, default=2, help="Horovod ranks (local processes)")
-    p.add_argument("--examples", type=int, default=49152, help="examples in the shards")
+    p.add_argument("--examples", type=int, default=24576, help="examples in the shards")
     p.add_argument("--shards", type=int, default=8, help="TFRecord files")
     p.add_argument("--features", type=int, default=64)
     p.add_argument("--hidden", type=int, nargs="+", default=[64, 1024], help="widths of the MLP's two hidden layers")

@@ -1,6 +1,6 @@
 """P1: step time of disttrain's Trainer / a hand-written tf.function loop, one device, 1 thread.
 
-    python bench/p1_step_time.py [--reps 7]
+    python bench/p1_step_time.py [--reps 5]
 
 Like for like: the same model, initial weights, optimizer (Adam), data and batch; the hand-written
 loop passes its iterator into its ``tf.function`` (``next`` inside the graph) and sums the loss as a
@@ -104,7 +104,7 @@ def with_disttrain(backend, widths, batch, steps, k):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--scale", type=float, default=1.0, help="multiply the steps per repetition")
     args = parser.parse_args(argv)
     backend = dt.get_backend("single")

@@ -3,7 +3,7 @@ inside the compiled step) against the same Trainer without it, on 2 processes (H
 MultiWorker), where the flag needs communication. No checkpoint is written in either configuration
 (no interval, no final save), so the difference is the flag alone. Prints a Markdown section.
 
-    python bench/preemption_flag.py [--repeats 5] [--steps 32]
+    python bench/preemption_flag.py [--repeats 5] [--steps 24]
 """
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ def launch(kind: str, args, out: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=24)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -30,8 +30,8 @@ one side over repetition i of the other), the goal, and the load average while i
 at a load above the core count is noise, not a result. Regenerate with `make bench` on a quiet machine
 (`uptime` first). Where a row misses its goal, [what the rows say](#what-the-rows-say) explains why.
 
-Machine: {machine}, {cores} cores, Python {python}; generated {date} in {minutes:.1f} minutes;
-load average before: {load}.
+Machine: {machine}, {cores} cores, Python {python}; generated {date} in {minutes:.1f} minutes
+(by benchmark: {each}); load average before: {load}.
 
 ![per-pair ratios of every row, with its goal](benchmarks.png)
 """
@@ -74,9 +74,12 @@ def main(argv=None) -> int:
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", BENCH_RESULTS=str(results))
     sections, failed = [], []
     start, load = time.perf_counter(), " / ".join(f"{v:.1f}" for v in os.getloadavg()[:2])
+    minutes = {}
     for script in scripts:
         print(f"[bench] {script.name} ...", file=sys.stderr, flush=True)
+        began = time.perf_counter()
         proc = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True)
+        minutes[script.stem] = (time.perf_counter() - began) / 60
         if proc.returncode:
             failed.append(script.name)
             sections.append(f"## {script.stem}\n\nFAILED (exit {proc.returncode}):\n\n```\n{proc.stderr[-2000:]}\n```\n")
@@ -87,7 +90,7 @@ def main(argv=None) -> int:
     notes = BENCH / "notes.md"
     report = HEADER.format(machine=platform.machine(), cores=os.cpu_count(), python=platform.python_version(),
                            date=datetime.date.today().isoformat(), minutes=(time.perf_counter() - start) / 60,
-                           load=load) + "\n" + "\n".join(sections) + ("\n" + notes.read_text() if notes.exists() else "")
+                           load=load, each=", ".join(f"{k} {v:.1f}" for k, v in minutes.items())) + "\n" + "\n".join(sections) + ("\n" + notes.read_text() if notes.exists() else "")
     if args.out:
         Path(args.out).write_text(report)
         if rows:

@@ -4,7 +4,7 @@ Both trainers (same model and data) are built and warmed up in ONE process, then
 repetitions (off, on, on, off, ...) so machine noise hits both alike; the medians are compared. Prints
 a self-contained Markdown section to stdout (progress goes to stderr):
 
-    python bench/summaries.py [--reps 21] [--steps 300] [--log-every 50] [--histogram-every 500]
+    python bench/summaries.py [--reps 11] [--steps 300] [--log-every 50] [--histogram-every 500]
 
 Wall time per step is the number that counts; the process CPU time per step is shown too because on a
 shared machine it is much less sensitive to other people's jobs.
@@ -35,7 +35,7 @@ import disttrain as dt  # noqa: E402
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="single")
-    parser.add_argument("--reps", type=int, default=21, help="timed repetitions of each variant")
+    parser.add_argument("--reps", type=int, default=11, help="timed repetitions of each variant")
     parser.add_argument("--steps", type=int, default=300, help="train steps per repetition")
     parser.add_argument("--global-batch", type=int, default=128)
     parser.add_argument("--log-every", type=int, default=50, help="step-log (scalar summary) interval")
