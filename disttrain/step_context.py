@@ -50,7 +50,7 @@ class StepContext:
         (or None), ``batch`` this replica's input; returns the batch to hand the step."""
         self._traced = True
         self._capture.mark = mark
-        self._nonfinite.loss = self._nonfinite.flags = None  # nothing from an earlier trace
+        self._nonfinite.loss = self._nonfinite.flags = self._nonfinite.value = None  # nothing from an earlier trace
         if self._marker is not None and mark is not None:
             return self._marker.mark_batch(mark, batch)
         return batch
@@ -119,7 +119,7 @@ class StepContext:
             # It skips the update when a gradient is not finite; decided on the reduced gradients, the
             # decision is the same on every replica. Counted for the logs (see take_nonfinite).
             skipped = tf.cast(tf.logical_not(optimizer.check_finite(reduced)), tf.float32)
-            self._nonfinite.value = tf.maximum(getattr(self._nonfinite, "value", 0.0), skipped)
+            self._record_skipped(skipped)
         self.backend.apply_reduced_gradients(optimizer, reduced, variables)
 
     def _apply_if_finite(self, optimizer: keras.optimizers.Optimizer, grads: list, variables: list) -> None:
@@ -138,10 +138,15 @@ class StepContext:
         self.backend.apply_reduced_gradients(optimizer, reduced, variables, apply=finite)
         skipped = 1.0 - tf.cast(finite, tf.float32)
         if self.on_nonfinite == "skip":  # counted in the logs with a LossScaleOptimizer's skips ("raise" stops)
-            self._nonfinite.value = tf.maximum(getattr(self._nonfinite, "value", 0.0), skipped)
+            self._record_skipped(skipped)
         record = tf.concat([flags, [skipped]], 0)
         previous = getattr(self._nonfinite, "flags", None)
         self._nonfinite.flags = record if previous is None else tf.maximum(previous, record)
+
+    def _record_skipped(self, skipped: tf.Tensor) -> None:
+        """Records that this step's update was skipped (1.0) or not (0.0), for :meth:`take_nonfinite`."""
+        previous = getattr(self._nonfinite, "value", None)  # None: nothing since the trace began or the last take
+        self._nonfinite.value = skipped if previous is None else tf.maximum(previous, skipped)
 
     def take_flags(self) -> tf.Tensor | None:
         """The replicas' flags and whether this step's update was skipped (``on_nonfinite``), or None if no
