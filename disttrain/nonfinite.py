@@ -131,13 +131,14 @@ class Monitor:
         self._print = print_fn or (lambda line: print(line, file=sys.stderr, flush=True))
         self.skipped = 0  # steps skipped in this trainer's life
 
-    def after_call(self, outputs: dict, *, first_step: int, count: int, where: str) -> dict:
+    def after_call(self, outputs: dict, *, first_step: int, count: int, where: str | Callable[[], str]) -> dict:
         """Pops :data:`FLAGS` from a call's summed outputs; raises or reports when a step was not finite.
 
         Args:
           outputs: The call's outputs (summed over its steps and this process's replicas).
           first_step: Global step of the call's first step; ``count`` steps ran.
-          where: The position in the epoch, for the message.
+          where: The position in the epoch, for the message (or a function that returns it, called only
+            for a message).
 
         Raises:
           NonFiniteError: With ``policy="raise"``, on every rank alike.
@@ -153,7 +154,7 @@ class Monitor:
         loss = [r for r in range(replicas) if values[r] > 0.5]
         grads = [r for r in range(replicas) if values[replicas + r] > 0.5]
         steps = (first_step, first_step + count - 1)
-        what = self._describe(loss, grads, steps, where)
+        what = self._describe(loss, grads, steps, where() if callable(where) else where)
         ranks = sorted({r // self.backend.local_replicas for r in loss + grads})
         if self.policy == "raise":
             raise NonFiniteError(
