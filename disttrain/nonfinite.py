@@ -77,12 +77,19 @@ def check_policy(value: Any) -> str:
 # -- in the compiled step ---------------------------------------------------------------------------
 def is_bad(values: list) -> tf.Tensor:
     """1.0 if any of ``values`` (tensors or None) holds a NaN or Inf, else 0.0 (float32). Few ops: on a
-    small model each one is a measurable share of the step."""
+    small model each one is a measurable share of the step (a scalar is tested without a reduction, and
+    the per-tensor answers are reduced along an explicit axis, which needs no rank and range ops)."""
     tensors = [tf.convert_to_tensor(v) for v in values if v is not None]
-    checks = [tf.reduce_all(tf.math.is_finite(v)) for v in tensors if v.dtype.is_floating]
+    checks = [_all_finite(v) for v in tensors if v.dtype.is_floating]
     if not checks:
         return tf.constant(0.0)
-    return tf.cast(tf.logical_not(checks[0] if len(checks) == 1 else tf.reduce_all(checks)), tf.float32)
+    return tf.cast(tf.logical_not(checks[0] if len(checks) == 1 else tf.reduce_all(tf.stack(checks), axis=0)),
+                   tf.float32)
+
+
+def _all_finite(value: tf.Tensor) -> tf.Tensor:
+    finite = tf.math.is_finite(value)
+    return finite if value.shape.rank == 0 else tf.reduce_all(finite)
 
 
 def local_flags(*, loss_bad: tf.Tensor, grads: list, replica: Any, num_replicas: int, dtype: tf.DType) -> tf.Tensor:
@@ -94,13 +101,14 @@ def local_flags(*, loss_bad: tf.Tensor, grads: list, replica: Any, num_replicas:
     return tf.cast(tf.reshape(bad[:, None] * tf.one_hot(replica, num_replicas, dtype=tf.float32), [-1]), dtype)
 
 
-def decide(reduced: list, flags: tf.Tensor, *, num_replicas: int) -> tf.Tensor:
-    """True (the same on every replica) when no replica flagged and the summed gradients are finite (a sum
-    of finite values can still overflow; with one replica the sum is the replica's own)."""
-    clear = tf.equal(tf.reduce_max(flags), 0)
-    if num_replicas == 1:
-        return clear
-    return tf.logical_and(clear, tf.equal(is_bad(reduced), 0.0))
+def decide(reduced: list, flags: tf.Tensor, *, num_replicas: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Whether to apply the update: ``(apply, skipped)``, the same on every replica. ``apply`` (bool) is True
+    when no replica flagged and the summed gradients are finite (a sum of finite values can still
+    overflow; with one replica the sum is the replica's own); ``skipped`` is its opposite as 1.0 / 0.0."""
+    skipped = tf.reduce_max(flags)  # the flags are 0 or 1
+    if num_replicas > 1:
+        skipped = tf.maximum(skipped, is_bad(reduced))
+    return tf.equal(skipped, 0.0), skipped
 
 
 # -- after the step -----------------------------------------------------------------------------------

@@ -61,8 +61,16 @@ class StepContext:
         Summed over the replicas (which the gradient reduction does) it is the global mean loss, so the
         gradients match a single device running the whole global batch.
         """
-        loss = tf.nn.compute_average_loss(per_example_loss, sample_weight=sample_weight,
-                                          global_batch_size=self.global_batch_size)
+        per_example_loss = tf.convert_to_tensor(per_example_loss)
+        if sample_weight is None and per_example_loss.shape.rank:
+            # What tf.nn.compute_average_loss computes (sum / global batch, 0 for a batch of 0), without its
+            # run-time checks that the (Python int, validated) global batch is a non-negative integer: four
+            # ops per step, a share of a small model's.
+            loss = tf.math.divide_no_nan(tf.reduce_sum(per_example_loss),
+                                         tf.cast(self.global_batch_size, per_example_loss.dtype))
+        else:
+            loss = tf.nn.compute_average_loss(per_example_loss, sample_weight=sample_weight,
+                                              global_batch_size=self.global_batch_size)
         if self.on_nonfinite != "ignore":  # read by the next apply_gradients on this replica
             previous = getattr(self._nonfinite, "loss", None)
             bad = nonfinite.is_bad([loss])
@@ -134,9 +142,8 @@ class StepContext:
                                       num_replicas=self.num_replicas, dtype=dtype)
         reduced = self.backend.reduce_gradients([flags] + list(grads))
         flags, reduced = tf.cast(reduced[0], tf.float32), reduced[1:]
-        finite = nonfinite.decide(reduced, flags, num_replicas=self.num_replicas)
+        finite, skipped = nonfinite.decide(reduced, flags, num_replicas=self.num_replicas)
         self.backend.apply_reduced_gradients(optimizer, reduced, variables, apply=finite)
-        skipped = 1.0 - tf.cast(finite, tf.float32)
         if self.on_nonfinite == "skip":  # counted in the logs with a LossScaleOptimizer's skips ("raise" stops)
             self._record_skipped(skipped)
         record = tf.concat([flags, [skipped]], 0)
