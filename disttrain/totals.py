@@ -126,8 +126,12 @@ class EpochTotals:
     def reduce(self, *, seconds: float = 0.0) -> Reduced:
         """Sums everything over all processes (ONE all-reduce; every process must call it together)."""
         names = sorted(self.sums)
-        local = self._pack([tf.convert_to_tensor(self.sums[n]) for n in names], tf.constant(seconds, tf.float64),
-                           tf.convert_to_tensor(self.real, tf.float64))
+        if self._layout.size:
+            local = self._pack([tf.convert_to_tensor(self.sums[n]) for n in names], tf.constant(seconds, tf.float64),
+                               tf.convert_to_tensor(self.real, tf.float64))
+        else:  # no metric states: the same float64 vector without a compiled call
+            local = tf.constant(np.array([np.asarray(self.sums[n]) for n in names] + [seconds, np.asarray(self.real)],
+                                         np.float64).reshape(-1))
         if self._carry is not None and self.backend.is_chief:
             local = local + self._carry_vector(names)
         summed = self.backend.all_reduce(local, "sum")

@@ -142,6 +142,8 @@ class Trainer:
         # keeps its own count: a LossScaleOptimizer does not count the steps it skips.
         self.global_step = int(np.asarray(self.optimizer.iterations))
         self._functions: dict[tuple, Callable] = {}
+        # the last pipeline of the training and of the evaluation data, reused for the same data
+        self._pipelines = {kind: epoch_agreement.PipelineCache() for kind in ("train", "eval")}
         self.history: dict[str, list[float]] = {}
         self.stop_training = False
         self.epoch_lr: float | None = None  # the LR logged for the running epoch (that of its first step)
@@ -186,7 +188,8 @@ class Trainer:
         done = resume.epoch_step if resume is not None else 0
         # Every process runs the same number of steps (agreed through the backend's all-reduce).
         epoch_input = epoch_agreement.epoch_input(backend, data, global_batch_size=global_batch_size, epoch=epoch,
-                                                  seed=seed, steps=steps, remainder=remainder, skip_steps=done)
+                                                  seed=seed, steps=steps, remainder=remainder, skip_steps=done,
+                                                  pipelines=self._pipelines[kind])
         totals = EpochTotals(backend=backend, metrics=metrics, carry=resume.carry if resume is not None else None)
         if kind == "train":
             self.epoch_step = done
