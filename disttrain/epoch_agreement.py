@@ -4,7 +4,8 @@ Every process must take part in every collective of a step: a process that ran o
 others continue would leave them waiting forever. Before an epoch, each process computes how many
 steps its own pipeline gives (from known lengths, without building it when it can) and ONE all-reduce
 through the backend yields the agreed count (:func:`epoch_input`). When a length is unknown, the
-processes agree step by step instead (:meth:`EpochInput.next_agreed`).
+processes agree step by step instead (:meth:`EpochInput.next_agreed`). A :class:`PipelineCache` lets a
+trainer reuse the pipeline of the same data from one epoch (or ``fit``) to the next.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from disttrain.backends.base import Backend, InputContext
-from disttrain.data import INFINITE_STEPS, as_source
+from disttrain.data import INFINITE_STEPS, Source, as_source
 from disttrain.data_checks import raise_spec_mismatch, spec_hash
 from disttrain.pipelines import REMAINDERS, check_choice, pipeline_options
 
@@ -29,6 +30,34 @@ def _local_steps(dataset: tf.data.Dataset, context: InputContext) -> int | None:
     if size < 0:
         return None
     return size // context.replicas_per_pipeline
+
+
+class PipelineCache:
+    """The pipeline last built for a dataset or :class:`disttrain.data.Source`, reused while they come again.
+
+    Building an epoch's pipeline (batching, prefetching, options; ``distribute_dataset`` on a strategy) takes
+    milliseconds, several steps of a small model, and gives the same pipeline again for the same data and
+    arguments: every epoch when there is no shuffle seed, and when a run repeats an epoch number (e.g.
+    ``fit(epochs=1)`` in a loop). Each epoch still iterates it afresh. The key is the data object itself
+    (both kinds are immutable) with every argument of the build; the cache keeps that object, and its
+    pipeline, alive until other data replaces it (one entry: a trainer keeps one cache for training and
+    one for evaluation). Lists of files and ``dataset_fn`` callables are built every epoch.
+    """
+
+    def __init__(self):
+        self._entry: tuple[Any, tuple, Any] | None = None  # (data, key, pipeline)
+
+    def get(self, data: Any, key: tuple, make: Any) -> Any:
+        """The pipeline of ``data`` for ``key`` (the build's other arguments), from ``make()`` when new."""
+        if not isinstance(data, (tf.data.Dataset, Source)):
+            return make()
+        entry = self._entry
+        if entry is not None and entry[0] is data and entry[1] == key:
+            return entry[2]
+        self._entry = None  # the old pipeline goes before the new one is built
+        pipeline = make()
+        self._entry = (data, key, pipeline)
+        return pipeline
 
 
 class EpochInput:
@@ -84,7 +113,8 @@ def _with_end_flag(dataset: tf.data.Dataset) -> tf.data.Dataset:
 
 
 def epoch_input(backend: Backend, data: Any, *, global_batch_size: int, epoch: int = 0, seed: int | None = None,
-                steps: int | None = None, remainder: str = "drop", skip_steps: int = 0) -> EpochInput:
+                steps: int | None = None, remainder: str = "drop", skip_steps: int = 0,
+                pipelines: PipelineCache | None = None) -> EpochInput:
     """Builds this process's input for one epoch and agrees with the other processes on its length.
 
     Each process computes how many steps its pipeline gives; one all-reduce yields the minimum (for
@@ -103,6 +133,7 @@ def epoch_input(backend: Backend, data: Any, *, global_batch_size: int, epoch: i
       remainder: ``drop`` or ``pad``.
       skip_steps: Steps of this epoch already done (a resumed run): the pipelines skip their first
         ``skip_steps`` step inputs, and ``steps`` of the result counts the remaining ones only.
+      pipelines: Reuse a pipeline of the same data and arguments built before (pipelines of known length).
 
     Raises:
       ValueError: For an infinite dataset without ``steps``, an epoch of 0 steps, or ``skip_steps``
@@ -168,11 +199,18 @@ def epoch_input(backend: Backend, data: Any, *, global_batch_size: int, epoch: i
     remaining = run_steps - skip_steps
     if remaining == 0:  # resumed right at the epoch's end: nothing to read
         return EpochInput(backend=backend, iterator=None, steps=0, max_steps=0, masked=padded, element_spec=spec)
-    if padded and highest > lowest:
-        fn = lambda ctx: _skipped(build(ctx, pad_to_steps=run_steps), ctx, skip_steps)  # noqa: E731
+    pad_to = run_steps if padded and highest > lowest else None
+    if pad_to is not None:
+        fn = lambda ctx: _skipped(build(ctx, pad_to_steps=pad_to), ctx, skip_steps)  # noqa: E731
     else:
         fn = lambda ctx: _skipped(build(ctx), ctx, skip_steps)  # noqa: E731
-    iterator = iter(backend.distribute_dataset(fn, global_batch_size=global_batch_size))
+    make = lambda: backend.distribute_dataset(fn, global_batch_size=global_batch_size)  # noqa: E731
+    if pipelines is None or source is None:
+        pipeline = make()
+    else:  # the pipeline depends on these alone (the epoch only through a shuffle seed)
+        key = (global_batch_size, remainder, seed, None if seed is None else epoch, pad_to, skip_steps)
+        pipeline = pipelines.get(data, key, make)
+    iterator = iter(pipeline)
     return EpochInput(backend=backend, iterator=iterator, steps=remaining, max_steps=remaining, masked=padded,
                       element_spec=spec)
 

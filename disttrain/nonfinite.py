@@ -77,12 +77,19 @@ def check_policy(value: Any) -> str:
 # -- in the compiled step ---------------------------------------------------------------------------
 def is_bad(values: list) -> tf.Tensor:
     """1.0 if any of ``values`` (tensors or None) holds a NaN or Inf, else 0.0 (float32). Few ops: on a
-    small model each one is a measurable share of the step."""
+    small model each one is a measurable share of the step (a scalar is tested without a reduction, and
+    the per-tensor answers are reduced along an explicit axis, which needs no rank and range ops)."""
     tensors = [tf.convert_to_tensor(v) for v in values if v is not None]
-    checks = [tf.reduce_all(tf.math.is_finite(v)) for v in tensors if v.dtype.is_floating]
+    checks = [_all_finite(v) for v in tensors if v.dtype.is_floating]
     if not checks:
         return tf.constant(0.0)
-    return tf.cast(tf.logical_not(checks[0] if len(checks) == 1 else tf.reduce_all(checks)), tf.float32)
+    return tf.cast(tf.logical_not(checks[0] if len(checks) == 1 else tf.reduce_all(tf.stack(checks), axis=0)),
+                   tf.float32)
+
+
+def _all_finite(value: tf.Tensor) -> tf.Tensor:
+    finite = tf.math.is_finite(value)
+    return finite if value.shape.rank == 0 else tf.reduce_all(finite)
 
 
 def local_flags(*, loss_bad: tf.Tensor, grads: list, replica: Any, num_replicas: int, dtype: tf.DType) -> tf.Tensor:
@@ -94,13 +101,14 @@ def local_flags(*, loss_bad: tf.Tensor, grads: list, replica: Any, num_replicas:
     return tf.cast(tf.reshape(bad[:, None] * tf.one_hot(replica, num_replicas, dtype=tf.float32), [-1]), dtype)
 
 
-def decide(reduced: list, flags: tf.Tensor, *, num_replicas: int) -> tf.Tensor:
-    """True (the same on every replica) when no replica flagged and the summed gradients are finite (a sum
-    of finite values can still overflow; with one replica the sum is the replica's own)."""
-    clear = tf.equal(tf.reduce_max(flags), 0)
-    if num_replicas == 1:
-        return clear
-    return tf.logical_and(clear, tf.equal(is_bad(reduced), 0.0))
+def decide(reduced: list, flags: tf.Tensor, *, num_replicas: int) -> tuple[tf.Tensor, tf.Tensor]:
+    """Whether to apply the update: ``(apply, skipped)``, the same on every replica. ``apply`` (bool) is True
+    when no replica flagged and the summed gradients are finite (a sum of finite values can still
+    overflow; with one replica the sum is the replica's own); ``skipped`` is its opposite as 1.0 / 0.0."""
+    skipped = tf.reduce_max(flags)  # the flags are 0 or 1
+    if num_replicas > 1:
+        skipped = tf.maximum(skipped, is_bad(reduced))
+    return tf.equal(skipped, 0.0), skipped
 
 
 # -- after the step -----------------------------------------------------------------------------------
@@ -131,13 +139,14 @@ class Monitor:
         self._print = print_fn or (lambda line: print(line, file=sys.stderr, flush=True))
         self.skipped = 0  # steps skipped in this trainer's life
 
-    def after_call(self, outputs: dict, *, first_step: int, count: int, where: str) -> dict:
+    def after_call(self, outputs: dict, *, first_step: int, count: int, where: str | Callable[[], str]) -> dict:
         """Pops :data:`FLAGS` from a call's summed outputs; raises or reports when a step was not finite.
 
         Args:
           outputs: The call's outputs (summed over its steps and this process's replicas).
           first_step: Global step of the call's first step; ``count`` steps ran.
-          where: The position in the epoch, for the message.
+          where: The position in the epoch, for the message (or a function that returns it, called only
+            for a message).
 
         Raises:
           NonFiniteError: With ``policy="raise"``, on every rank alike.
@@ -153,7 +162,7 @@ class Monitor:
         loss = [r for r in range(replicas) if values[r] > 0.5]
         grads = [r for r in range(replicas) if values[replicas + r] > 0.5]
         steps = (first_step, first_step + count - 1)
-        what = self._describe(loss, grads, steps, where)
+        what = self._describe(loss, grads, steps, where() if callable(where) else where)
         ranks = sorted({r // self.backend.local_replicas for r in loss + grads})
         if self.policy == "raise":
             raise NonFiniteError(

@@ -50,7 +50,7 @@ class StepContext:
         (or None), ``batch`` this replica's input; returns the batch to hand the step."""
         self._traced = True
         self._capture.mark = mark
-        self._nonfinite.loss = self._nonfinite.flags = None  # nothing from an earlier trace
+        self._nonfinite.loss = self._nonfinite.flags = self._nonfinite.value = None  # nothing from an earlier trace
         if self._marker is not None and mark is not None:
             return self._marker.mark_batch(mark, batch)
         return batch
@@ -61,8 +61,16 @@ class StepContext:
         Summed over the replicas (which the gradient reduction does) it is the global mean loss, so the
         gradients match a single device running the whole global batch.
         """
-        loss = tf.nn.compute_average_loss(per_example_loss, sample_weight=sample_weight,
-                                          global_batch_size=self.global_batch_size)
+        per_example_loss = tf.convert_to_tensor(per_example_loss)
+        if sample_weight is None and per_example_loss.shape.rank:
+            # What tf.nn.compute_average_loss computes (sum / global batch, 0 for a batch of 0), without its
+            # run-time checks that the (Python int, validated) global batch is a non-negative integer: four
+            # ops per step, a share of a small model's.
+            loss = tf.math.divide_no_nan(tf.reduce_sum(per_example_loss),
+                                         tf.cast(self.global_batch_size, per_example_loss.dtype))
+        else:
+            loss = tf.nn.compute_average_loss(per_example_loss, sample_weight=sample_weight,
+                                              global_batch_size=self.global_batch_size)
         if self.on_nonfinite != "ignore":  # read by the next apply_gradients on this replica
             previous = getattr(self._nonfinite, "loss", None)
             bad = nonfinite.is_bad([loss])
@@ -119,7 +127,7 @@ class StepContext:
             # It skips the update when a gradient is not finite; decided on the reduced gradients, the
             # decision is the same on every replica. Counted for the logs (see take_nonfinite).
             skipped = tf.cast(tf.logical_not(optimizer.check_finite(reduced)), tf.float32)
-            self._nonfinite.value = tf.maximum(getattr(self._nonfinite, "value", 0.0), skipped)
+            self._record_skipped(skipped)
         self.backend.apply_reduced_gradients(optimizer, reduced, variables)
 
     def _apply_if_finite(self, optimizer: keras.optimizers.Optimizer, grads: list, variables: list) -> None:
@@ -134,14 +142,18 @@ class StepContext:
                                       num_replicas=self.num_replicas, dtype=dtype)
         reduced = self.backend.reduce_gradients([flags] + list(grads))
         flags, reduced = tf.cast(reduced[0], tf.float32), reduced[1:]
-        finite = nonfinite.decide(reduced, flags, num_replicas=self.num_replicas)
+        finite, skipped = nonfinite.decide(reduced, flags, num_replicas=self.num_replicas)
         self.backend.apply_reduced_gradients(optimizer, reduced, variables, apply=finite)
-        skipped = 1.0 - tf.cast(finite, tf.float32)
         if self.on_nonfinite == "skip":  # counted in the logs with a LossScaleOptimizer's skips ("raise" stops)
-            self._nonfinite.value = tf.maximum(getattr(self._nonfinite, "value", 0.0), skipped)
+            self._record_skipped(skipped)
         record = tf.concat([flags, [skipped]], 0)
         previous = getattr(self._nonfinite, "flags", None)
         self._nonfinite.flags = record if previous is None else tf.maximum(previous, record)
+
+    def _record_skipped(self, skipped: tf.Tensor) -> None:
+        """Records that this step's update was skipped (1.0) or not (0.0), for :meth:`take_nonfinite`."""
+        previous = getattr(self._nonfinite, "value", None)  # None: nothing since the trace began or the last take
+        self._nonfinite.value = skipped if previous is None else tf.maximum(previous, skipped)
 
     def take_flags(self) -> tf.Tensor | None:
         """The replicas' flags and whether this step's update was skipped (``on_nonfinite``), or None if no

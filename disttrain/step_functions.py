@@ -69,6 +69,11 @@ def as_outputs(value: Any) -> dict[str, tf.Tensor]:
     return {"loss": tf.cast(tf.convert_to_tensor(value), tf.float32)}
 
 
+def _share(value: tf.Tensor, parts: int) -> tf.Tensor:
+    """``value / parts`` (no op for one part: x / 1 is x)."""
+    return value if parts == 1 else value / parts
+
+
 def compile_steps(*, step: Callable, backend: Backend, global_batch_size: int, gradients: bool = False,
                   masked: bool = False, accumulation_steps: int = 1, marker: Any = None,
                   on_nonfinite: str = "ignore") -> CompiledSteps:
@@ -108,12 +113,13 @@ def compile_steps(*, step: Callable, backend: Backend, global_batch_size: int, g
         if flags is not None:  # identical on every replica; summed over this process's replicas
             if on_nonfinite == "skip":  # a skipped step's (non-finite) values are left out of the means
                 dropped = flags[-1]
-                outputs = {k: tf.where(dropped > 0, tf.zeros_like(v), v) for k, v in outputs.items()}
-                outputs[nonfinite.DROPPED] = dropped / ctx.num_replicas
-            outputs[nonfinite.FLAGS] = flags / backend.local_replicas
+                was_dropped = dropped > 0
+                outputs = {k: tf.where(was_dropped, tf.zeros_like(v), v) for k, v in outputs.items()}
+                outputs[nonfinite.DROPPED] = _share(dropped, ctx.num_replicas)
+            outputs[nonfinite.FLAGS] = _share(flags, backend.local_replicas)
         skipped = ctx.take_nonfinite()
         if skipped is not None:  # summed over the replicas, each counts 1/num_replicas
-            outputs[NONFINITE] = skipped / ctx.num_replicas
+            outputs[NONFINITE] = _share(skipped, ctx.num_replicas)
         return outputs
 
     def replica_fn(batch, mark):

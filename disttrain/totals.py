@@ -90,24 +90,32 @@ class EpochTotals:
                  carry: Carry | None = None):
         self.backend = backend
         self.metrics = list(metrics)
-        self.sums: dict[str, tf.Tensor] = {}
-        self.real = tf.constant(0.0, tf.float64)
+        self.sums: dict[str, Any] = {}  # numpy scalars (or tensors of outputs on a device)
+        self.real: Any = np.float64(0.0)
         self._layout, self._pack, self._results = _compiled(backend, self.metrics)
         self._carry = carry
         if carry is not None:
-            self.sums = {name: tf.constant(0.0) for name in carry.sums}
+            self.sums = {name: np.float32(0.0) for name in carry.sums}
             if len(carry.states) != self._layout.size:
                 raise ValueError(f"the checkpoint holds {len(carry.states)} metric state values, the trainer's "
                                  f"metrics {[m.name for m in self.metrics]} have {self._layout.size}; resume "
                                  "with the metrics the run was saved with")
 
     def add(self, outputs: dict[str, tf.Tensor]) -> None:
-        """Adds one step's outputs (summed over this process's replicas); pops :data:`EXAMPLES`."""
+        """Adds one call's outputs (summed over its steps and this process's replicas); pops :data:`EXAMPLES`.
+
+        Each sum adds in its output's own dtype (float32; the count of real examples in float64), so it is
+        the same number as adding the tensors. Outputs in host memory are added as numpy scalars: an eager
+        op per output and call costs more than a tiny model's step. Device outputs stay tensors (adding
+        them does not wait for the step)."""
         outputs = dict(outputs)
         if EXAMPLES in outputs:
-            self.real = self.real + tf.cast(outputs.pop(EXAMPLES), tf.float64)
+            real = outputs.pop(EXAMPLES)
+            self.real = (self.real + np.asarray(real).astype(np.float64)) if _on_host(real) else \
+                (tf.cast(real, tf.float64) + self.real)
+        outputs = {k: np.asarray(v) if _on_host(v) else v for k, v in outputs.items()}
         if not self.sums:
-            self.sums = dict(outputs)
+            self.sums = outputs
             return
         missing = set(outputs) ^ set(self.sums)
         if missing:
@@ -118,7 +126,12 @@ class EpochTotals:
     def reduce(self, *, seconds: float = 0.0) -> Reduced:
         """Sums everything over all processes (ONE all-reduce; every process must call it together)."""
         names = sorted(self.sums)
-        local = self._pack([self.sums[n] for n in names], tf.constant(seconds, tf.float64), self.real)
+        if self._layout.size:
+            local = self._pack([tf.convert_to_tensor(self.sums[n]) for n in names], tf.constant(seconds, tf.float64),
+                               tf.convert_to_tensor(self.real, tf.float64))
+        else:  # no metric states: the same float64 vector without a compiled call
+            local = tf.constant(np.array([np.asarray(self.sums[n]) for n in names] + [seconds, np.asarray(self.real)],
+                                         np.float64).reshape(-1))
         if self._carry is not None and self.backend.is_chief:
             local = local + self._carry_vector(names)
         summed = self.backend.all_reduce(local, "sum")
@@ -146,6 +159,11 @@ class EpochTotals:
             offset += slot.size
         head = [carry.sums.get(n, 0.0) for n in names] + [0.0, carry.real]
         return tf.constant(np.concatenate([np.asarray(head, np.float64), states]))
+
+
+def _on_host(value: Any) -> bool:
+    """Whether ``value`` (a step output) is in host memory: a CPU tensor or not a tensor at all."""
+    return not isinstance(value, tf.Tensor) or ":CPU:" in value.device
 
 
 _COMPILED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

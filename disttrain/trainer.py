@@ -17,7 +17,7 @@ from disttrain import drift as drift_lib
 from disttrain import epoch_agreement
 from disttrain import metrics as metrics_lib
 from disttrain import nonfinite
-from disttrain import step_functions, step_logs
+from disttrain import step_calls, step_functions, step_logs
 from disttrain import watchdog as watchdog_lib
 from disttrain.checkpoint import Checkpointing, CheckpointSession, Progress
 from disttrain.preemption import Preempted, exit_now
@@ -142,6 +142,8 @@ class Trainer:
         # keeps its own count: a LossScaleOptimizer does not count the steps it skips.
         self.global_step = int(np.asarray(self.optimizer.iterations))
         self._functions: dict[tuple, Callable] = {}
+        # the last pipeline of the training and of the evaluation data, reused for the same data
+        self._pipelines = {kind: epoch_agreement.PipelineCache() for kind in ("train", "eval")}
         self.history: dict[str, list[float]] = {}
         self.stop_training = False
         self.epoch_lr: float | None = None  # the LR logged for the running epoch (that of its first step)
@@ -186,7 +188,8 @@ class Trainer:
         done = resume.epoch_step if resume is not None else 0
         # Every process runs the same number of steps (agreed through the backend's all-reduce).
         epoch_input = epoch_agreement.epoch_input(backend, data, global_batch_size=global_batch_size, epoch=epoch,
-                                                  seed=seed, steps=steps, remainder=remainder, skip_steps=done)
+                                                  seed=seed, steps=steps, remainder=remainder, skip_steps=done,
+                                                  pipelines=self._pipelines[kind])
         totals = EpochTotals(backend=backend, metrics=metrics, carry=resume.carry if resume is not None else None)
         if kind == "train":
             self.epoch_step = done
@@ -195,6 +198,9 @@ class Trainer:
             step_logger.begin_epoch(steps=self.epoch_steps or epoch_input.max_steps, done=done)
         start = time.perf_counter()
         ran = 0
+        calls = step_calls.ConcreteCalls()  # this epoch's concrete functions (see disttrain.step_calls)
+        where = lambda: f"epoch {epoch + 1}, step {done + ran + 1}/{self.epoch_steps}"  # noqa: E731
+        checkpoint_every = session.config.every_steps if session is not None else None
         while epoch_input.steps is None or ran < epoch_input.steps:
             wants_gradients = step_logger is not None and step_logger.wants_gradients(self.global_step + 1)
             compiled = self._function(kind, global_batch_size, gradients=wants_gradients, masked=epoch_input.masked)
@@ -209,19 +215,22 @@ class Trainer:
                 result = self._call(key, compiled, compiled.run_batch, (batch,), control, element_spec=spec)
             else:
                 if not wants_gradients:
-                    count = self._call_length(steps_per_execution, remaining=epoch_input.steps - ran,
-                                              step_logger=step_logger if kind == "train" else None, session=session)
+                    count = step_calls.call_length(
+                        step=self.global_step, steps_per_execution=steps_per_execution,
+                        remaining=epoch_input.steps - ran, drift_every_steps=self._drift.every_steps,
+                        intervals=step_logger.intervals if step_logger is not None and kind == "train" else None,
+                        checkpoint_every_steps=checkpoint_every)
                 if count == 1:
-                    result = self._call(key, compiled, compiled.run, (epoch_input.iterator,), control,
-                                        element_spec=spec)
+                    result = self._call(key, compiled, functools.partial(calls, compiled.run), (epoch_input.iterator,),
+                                        control, element_spec=spec)
                 else:
-                    result = self._call(key, compiled, compiled.run_many, (epoch_input.iterator, tf.constant(count)),
-                                        control, element_spec=spec, count=count)
+                    result = self._call(key, compiled, functools.partial(calls, compiled.run_many),
+                                        (epoch_input.iterator, calls.count(count)), control, element_spec=spec,
+                                        count=count)
             if session is not None:
                 result, control = result
             outputs, grads = result if wants_gradients else (result, None)
-            outputs = self._nonfinite.after_call(outputs, first_step=self.global_step + 1, count=count,
-                                                 where=f"epoch {epoch + 1}, step {done + ran + 1}/{self.epoch_steps}")
+            outputs = self._nonfinite.after_call(outputs, first_step=self.global_step + 1, count=count, where=where)
             totals.add(outputs)
             ran += count
             if kind == "train":
@@ -254,27 +263,6 @@ class Trainer:
         logs.update(skips)
         return logs, ran, reduced.seconds / backend.size
 
-    def _call_length(self, steps_per_execution: int, *, remaining: int,
-                     step_logger: step_logs.StepLogger | None, session: CheckpointSession | None) -> int:
-        """Steps the next call runs: up to ``steps_per_execution``, ending exactly at the next step that
-        logs, checkpoints, checks for drift or ends the epoch (and just before a step that records gradients)."""
-        step, count = self.global_step, min(steps_per_execution, remaining)
-        if step_logger is not None:
-            intervals = step_logger.intervals
-            if intervals.log_every_steps:
-                count = min(count, intervals.log_every_steps - step % intervals.log_every_steps)
-            if intervals.histogram_every_steps:  # a gradient histogram step runs alone (with gradients)
-                until = intervals.histogram_every_steps - step % intervals.histogram_every_steps
-                count = min(count, until - 1 if intervals.gradients and until > 1 else until)
-            if intervals.profile_steps:  # a profile covers exactly its steps
-                first, last = intervals.profile_steps
-                count = min([count] + [b - step for b in (first - 1, last) if b > step])
-        if session is not None and session.config.every_steps:
-            count = min(count, session.config.every_steps - step % session.config.every_steps)
-        if self._drift.every_steps:
-            count = min(count, self._drift.every_steps - step % self._drift.every_steps)
-        return max(1, count)
-
     def _call(self, key: tuple, compiled: step_functions.CompiledSteps, fn: Callable, args: tuple, control: Any,
               *, element_spec: Any, count: int = 1) -> Any:
         """Calls the compiled ``fn(*args, control)`` (``count`` steps), watched by the watchdog; a dtype clash
@@ -282,7 +270,7 @@ class Trainer:
         step, is re-raised with both dtypes and the fix."""
         try:
             if self._watchdog is None:
-                return fn(*args, control)
+                return fn(*args, control, None)
             self._step_calls += 1  # the marks' value for this call
             first = key not in self._called
             self._called.add(key)
