@@ -55,6 +55,7 @@ class StepContext:
             return self._marker.mark_batch(mark, batch)
         return batch
 
+    @tf.autograph.experimental.do_not_convert  # called from the (converted) step: keep disttrain's code as is
     def average_loss(self, per_example_loss: tf.Tensor, sample_weight: tf.Tensor | None = None) -> tf.Tensor:
         """This replica's share of the mean loss over the GLOBAL batch: ``sum(loss * w) / global_batch``.
 
@@ -77,10 +78,12 @@ class StepContext:
             self._nonfinite.loss = bad if previous is None else tf.maximum(previous, bad)
         return loss
 
+    @tf.autograph.experimental.do_not_convert
     def scale_regularization_loss(self, loss: tf.Tensor) -> tf.Tensor:
         """Divides a regularisation loss by the number of replicas (it is added once per replica)."""
         return loss / tf.cast(self.num_replicas, loss.dtype)
 
+    @tf.autograph.experimental.do_not_convert
     def reduce_gradients(self, grads: list) -> list:
         """The gradients summed over all replicas: the global gradient, identical on every replica.
 
@@ -98,6 +101,7 @@ class StepContext:
                              "decide on the global gradient (e.g. clipping by its norm)")
         return self.backend.reduce_gradients(grads)
 
+    @tf.autograph.experimental.do_not_convert
     def apply_gradients(self, optimizer: keras.optimizers.Optimizer, grads: list, variables: list) -> None:
         """Sums ``grads`` over all replicas (once) and applies them with ``optimizer``.
 
@@ -170,6 +174,7 @@ class StepContext:
         self._nonfinite.value = None
         return value
 
+    @tf.autograph.experimental.do_not_convert
     def run_accumulated(self, micro_step: Callable[[Any], Any], micro_batches: list) -> list:
         """Runs ``micro_step`` on each micro-batch (at trace time, unrolled), summing the gradients each
         passes to :meth:`apply_gradients`; then reduces and applies each optimizer's sums once.
