@@ -109,3 +109,42 @@ def test_skip_counts_across_one_step_and_several_step_calls(backend):
                           steps_per_execution=4)
     assert history["skipped_steps"] == [1.0, 1.0] and np.isfinite(history["loss"]).all(), history
     assert all(np.isfinite(w).all() for w in model.get_weights())
+
+
+def _autograph_helper(x):
+    """Called from the step: AutoGraph converts it too (a Python ``while`` on a tensor)."""
+    total = tf.zeros_like(x[0, 0])
+    i = tf.constant(0)
+    while i < tf.shape(x)[0]:
+        total += x[i, 0]
+        i += 1
+    return total
+
+
+def test_the_users_step_keeps_autograph_python_control_flow_on_tensors(backend):
+    """disttrain's own wrappers are not converted (tracing cost), but the user's step and what it calls
+    are, as under tf.function: ``if`` / ``for`` / ``while`` on tensors work in them."""
+    with backend.scope():
+        model = keras.Sequential([keras.Input(shape=(2,)), keras.layers.Dense(1)])
+        optimizer = keras.optimizers.SGD(0.1)
+
+    def step(ctx, batch):
+        x, y = batch
+        with tf.GradientTape() as tape:
+            loss = ctx.average_loss(tf.reduce_mean(tf.square(y - model(x)), axis=-1))
+        ctx.apply_gradients(optimizer, tape.gradient(loss, model.trainable_variables), model.trainable_variables)
+        reported = loss
+        if tf.reduce_sum(x) > 1e9:  # a tensor condition (never true here)
+            reported = reported * 0.0
+        for _ in tf.range(2):  # a loop over a tensor range
+            reported = reported + 0.0
+        return {"loss": reported, "first_column": _autograph_helper(x)}
+
+    x = np.arange(32, dtype="float32").reshape(16, 2)
+    data = tf.data.Dataset.from_tensor_slices((x, x.sum(1, keepdims=True)))
+    trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=step, backend=backend, verbose=0)
+    history = trainer.fit(data, global_batch_size=8, epochs=1, steps_per_execution=2)
+    assert int(optimizer.iterations) == 2
+    # an output's epoch value is its sum over the steps times the global batch over the examples: the
+    # helper's loop summed every example's first column once
+    assert history["first_column"] == [pytest.approx(x[:, 0].sum() * 8 / 16)]
