@@ -73,9 +73,7 @@ class StepContext:
             loss = tf.nn.compute_average_loss(per_example_loss, sample_weight=sample_weight,
                                               global_batch_size=self.global_batch_size)
         if self.on_nonfinite != "ignore":  # read by the next apply_gradients on this replica
-            previous = getattr(self._nonfinite, "loss", None)
-            bad = nonfinite.is_bad([loss])
-            self._nonfinite.loss = bad if previous is None else tf.maximum(previous, bad)
+            self._keep_max("loss", nonfinite.is_bad([loss]))
         return loss
 
     @tf.autograph.experimental.do_not_convert
@@ -150,14 +148,17 @@ class StepContext:
         self.backend.apply_reduced_gradients(optimizer, reduced, variables, apply=finite)
         if self.on_nonfinite == "skip":  # counted in the logs with a LossScaleOptimizer's skips ("raise" stops)
             self._record_skipped(skipped)
-        record = tf.concat([flags, [skipped]], 0)
-        previous = getattr(self._nonfinite, "flags", None)
-        self._nonfinite.flags = record if previous is None else tf.maximum(previous, record)
+        self._keep_max("flags", tf.concat([flags, [skipped]], 0))
 
     def _record_skipped(self, skipped: tf.Tensor) -> None:
         """Records that this step's update was skipped (1.0) or not (0.0), for :meth:`take_nonfinite`."""
-        previous = getattr(self._nonfinite, "value", None)  # None: nothing since the trace began or the last take
-        self._nonfinite.value = skipped if previous is None else tf.maximum(previous, skipped)
+        self._keep_max("value", skipped)
+
+    def _keep_max(self, name: str, value: tf.Tensor) -> None:
+        """This replica's record ``name`` (``loss``, ``flags`` or ``value``) becomes ``value``, or its
+        element-wise maximum with what was recorded since the trace began or the record was last taken."""
+        previous = getattr(self._nonfinite, name, None)
+        setattr(self._nonfinite, name, value if previous is None else tf.maximum(previous, value))
 
     def take_flags(self) -> tf.Tensor | None:
         """The replicas' flags and whether this step's update was skipped (``on_nonfinite``), or None if no
