@@ -23,7 +23,7 @@ _NAMES = {
     "Backend": "disttrain.backends", "GradientOptions": "disttrain.backends", "InputContext": "disttrain.backends",
     "detect": "disttrain.backends", "get_backend": "disttrain.backends",
     "Callback": "disttrain.callbacks", "current_learning_rate": "disttrain.callbacks",
-    "Checkpointing": "disttrain.checkpoint",
+    "Checkpointing": "disttrain.checkpoint", "CheckpointError": "disttrain.checkpoint_files",
     "DriftError": "disttrain.drift", "NonFiniteError": "disttrain.nonfinite", "STALL_EXIT_CODE": "disttrain.watchdog",
     "PREEMPTION_EXIT_CODE": "disttrain.preemption", "Preempted": "disttrain.preemption",
     "StepContext": "disttrain.step_context",
@@ -57,6 +57,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     from disttrain.backends import Backend, GradientOptions, InputContext, detect, get_backend  # noqa: F401
     from disttrain.callbacks import Callback, current_learning_rate  # noqa: F401
     from disttrain.checkpoint import Checkpointing  # noqa: F401
+    from disttrain.checkpoint_files import CheckpointError  # noqa: F401
     from disttrain.drift import DriftError  # noqa: F401
     from disttrain.nonfinite import NonFiniteError  # noqa: F401
     from disttrain.watchdog import STALL_EXIT_CODE  # noqa: F401

@@ -34,6 +34,8 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import numpy as np
 import tensorflow as tf
 
+from disttrain import checkpoint_files
+from disttrain.checkpoint_files import CheckpointError
 from disttrain.preemption import DEFAULT_SIGNALS, PREEMPTION_EXIT_CODE, Preempted, SignalWatcher
 from disttrain.totals import Carry, EpochTotals
 
@@ -45,6 +47,8 @@ _FORMAT = 1
 EXIT_LINGER_SECONDS = 1.0
 #: ``fit`` arguments a resumed run must repeat: they fix which examples form global batch k.
 RESUME_KEYS = ("global_batch_size", "shuffle_seed", "steps_per_epoch")
+#: The checkpoint key of the run's position (the ``progress`` string variable).
+PROGRESS_KEY = "progress/.ATTRIBUTES/VARIABLE_VALUE"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,8 +210,17 @@ class CheckpointSession:
     def save(self, *, carry: Carry | None) -> str | None:
         """Saves the trainer's state now (every process must call it at the same step).
 
+        The new checkpoint counts (becomes the latest, and lets rotation delete the oldest) only after it
+        read back. With several processes, each one's outcome is agreed in one small all-reduce, so a
+        failed save stops every process with the same message.
+
         Returns:
           The checkpoint's path on the chief; None elsewhere.
+
+        Raises:
+          CheckpointError: On every process, if a process could not write its part (disk full, not
+            writable, or it did not read back): the message names the directory, the rank, the
+            checkpoint's size and the free space; its partial files are removed.
         """
         trainer = self.trainer
         progress = Progress(global_step=trainer.global_step, epoch=trainer.epoch, epoch_step=trainer.epoch_step,
@@ -216,15 +229,56 @@ class CheckpointSession:
                             writer={"backend": self.backend.name, "processes": self.backend.size,
                                     "replicas": self.backend.num_replicas})
         self._progress.assign(progress.to_json())
-        path = None
+        path, failure = None, None
         if self._manager is not None:
-            path = self._manager.save()  # numbered by the checkpoint's save counter: never overwritten
-            if self._writer_dir != self.config.directory:  # a worker's private copy: only its taking part mattered
-                shutil.rmtree(self._writer_dir, ignore_errors=True)
-                path = None
+            try:
+                # numbered by the checkpoint's save counter: never overwritten; verified before it counts
+                path = self._manager.save(options=tf.train.CheckpointOptions(
+                    experimental_write_callbacks=[checkpoint_files.verify_save]))
+            except (tf.errors.OpError, OSError, CheckpointError) as err:
+                failure = self._failed_save(err)
+            if path is not None and self._writer_dir != self.config.directory:
+                shutil.rmtree(self._writer_dir, ignore_errors=True)  # a worker's private copy: only its taking
+                path = None                                          # part mattered
+        self._agree_on_save(failure)
         self._last_saved = self._position()
         self._last_save_time = time.monotonic()
         return path
+
+    def _failed_save(self, err: BaseException) -> str:
+        """Cleans up after this process's failed save; returns the message."""
+        counter = self.checkpoint.save_counter
+        attempted = os.path.join(self._writer_dir, f"{checkpoint_files.PREFIX}-{int(counter.numpy())}")
+        checkpoint_files.remove_partial(attempted)
+        counter.assign_sub(1)  # the number is free again
+        variables = sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in self.checkpoint_variables())
+        return checkpoint_files.describe_save_failure(path=attempted, err=err, rank=self.backend.rank,
+                                                      previous=self._manager.latest_checkpoint,
+                                                      variables_bytes=variables)
+
+    def _agree_on_save(self, failure: str | None) -> None:
+        """Every process learns whether every process saved (one all-reduce of one flag per rank)."""
+        backend = self.backend
+        if backend.size > 1:
+            flags = np.zeros([backend.size], np.int64)
+            flags[backend.rank] = int(failure is not None)
+            flags = np.asarray(backend.all_reduce(flags, "sum"))
+        else:
+            flags = np.array([int(failure is not None)])
+        if failure is not None:
+            print(f"disttrain: {failure}", file=sys.stderr, flush=True)
+            raise CheckpointError(failure)
+        if flags.any():
+            ranks = ", ".join(str(r) for r in np.flatnonzero(flags))
+            raise CheckpointError(f"rank(s) {ranks} could not write their part of the checkpoint to "
+                                  f"{self.config.directory!r} (their message says why: disk full, not writable); "
+                                  "every process stops; the previous checkpoint is intact")
+
+    def checkpoint_variables(self) -> list:
+        """The variables a checkpoint holds (for its size)."""
+        objects = [*self.trainer.models, *self.trainer.optimizers]
+        variables = [v for o in objects for v in getattr(o, "variables", [])]
+        return [v for v in variables if hasattr(v, "shape") and hasattr(v, "dtype")]
 
     def save_at_end(self) -> None:
         """The final save of ``fit`` (skipped when this position is saved already)."""
@@ -237,43 +291,103 @@ class CheckpointSession:
 
     # -- restoring -----------------------------------------------------------------------------
     def restore(self) -> Progress | None:
-        """Restores the latest checkpoint on every process (collective); returns its progress or None.
+        """Restores the newest checkpoint that loads, on every process (collective); returns its progress.
+
+        First checks that the directory is writable and the same on every process. Checkpoints that do not
+        load (a missing index, truncated or garbled data, a position that does not parse) are reported
+        with the reason and skipped for the next older one, and moved to ``damaged/``; see
+        :mod:`disttrain.checkpoint_files`.
+
+        Returns:
+          The restored checkpoint's progress, or None when the directory holds no checkpoint.
 
         Raises:
+          CheckpointError: If the directory is not usable by every process, or it holds checkpoints and
+            none of them loads (nothing is deleted then).
           ValueError: If a process cannot see the checkpoint rank 0 sees, the checkpoint does not match
             the trainer, or the run's ``fit`` arguments differ from the saved run's.
         """
         backend, directory = self.backend, self.config.directory
+        checkpoint_files.check_directory(directory, backend=backend, writer_dir=self._writer_dir)
         self._remove_leftovers()
-        latest = tf.train.latest_checkpoint(directory)
-        number = _checkpoint_number(latest)
-        agreed = backend.all_reduce(np.array([number, -number], np.int64), "min")
-        if int(agreed[0]) != -int(agreed[1]):
-            raise ValueError(f"the processes see different latest checkpoints in {directory!r} (this is rank "
-                             f"{backend.rank}, it sees {latest!r}); put the checkpoint directory on a filesystem "
-                             "that every process shares")
-        if latest is None:
+        found = checkpoint_files.candidates(directory)
+        self._agree(found[0] if found else None, what="newest checkpoint")
+        if not found:
             return None
-        try:
-            status = self.checkpoint.restore(latest)
-            status.assert_existing_objects_matched()
-        except (AssertionError, ValueError, tf.errors.OpError) as err:
-            raise ValueError(f"checkpoint {latest!r} does not match this trainer's models, optimizers or "
-                             f"callbacks ({str(err)[:400]}); resume with the same objects, or give "
-                             "Checkpointing a new directory to start afresh") from None
-        status.expect_partial()
+        chosen, rejected = None, []
+        for path in found:
+            reason = checkpoint_files.problem(path, parse=Progress.from_json, parse_key=PROGRESS_KEY)
+            if reason is None:
+                reason = self._try_restore(path)
+            if reason is None:
+                chosen = path
+                break
+            rejected.append((path, reason))
+        self._agree(chosen, what="checkpoint that loads")
+        if chosen is None:
+            listing = "; ".join(f"{os.path.basename(p)}: {r}" for p, r in rejected)
+            raise CheckpointError(f"none of the {len(rejected)} checkpoint(s) in {directory!r} loads ({listing}); "
+                                  "nothing was deleted: move them away (or give Checkpointing a new directory) "
+                                  "to start afresh, or restore the files from a copy")
         progress = Progress.from_json(self._progress.numpy().decode())
-        self._check_same_run(progress, latest)
+        self._check_same_run(progress, chosen)
+        if rejected:
+            self._set_aside(rejected, chosen=chosen, older=found[len(rejected) + 1:], progress=progress)
         self._last_saved = (progress.global_step, progress.epoch, progress.epoch_step)
         self.restored = True
         if backend.is_chief:
             where = (f"epoch {progress.epoch + 1}, step {progress.epoch_step}" if progress.epoch_step
                      else f"the start of epoch {progress.epoch + 1}")
             writer = progress.writer
-            print(f"disttrain: resuming from {latest} at {where} (global step {progress.global_step}); saved by "
+            print(f"disttrain: resuming from {chosen} at {where} (global step {progress.global_step}); saved by "
                   f"{writer['backend']} with {writer['processes']} process(es) and {writer['replicas']} replica(s); "
                   f"this run: {backend.name} with {backend.size} and {backend.num_replicas}", file=sys.stderr, flush=True)
         return progress
+
+    def _try_restore(self, path: str) -> str | None:
+        """Restores ``path`` into the trainer's objects; the reason it does not load, or None.
+
+        Raises:
+          ValueError: If it loads but holds other objects than this trainer's (not damage: no fallback).
+        """
+        try:
+            status = self.checkpoint.restore(path)
+            status.assert_existing_objects_matched()
+        except checkpoint_files.LOAD_ERRORS as err:
+            return checkpoint_files.load_error(err)
+        except (AssertionError, ValueError) as err:
+            raise ValueError(f"checkpoint {path!r} does not match this trainer's models, optimizers or "
+                             f"callbacks ({str(err)[:400]}); resume with the same objects, or give "
+                             "Checkpointing a new directory to start afresh") from None
+        status.expect_partial()
+        return None
+
+    def _agree(self, path: str | None, *, what: str) -> None:
+        """Every process must pick the same checkpoint (one all-reduce of two integers)."""
+        number = checkpoint_files.number(path)
+        agreed = self.backend.all_reduce(np.array([number, -number], np.int64), "min")
+        if int(agreed[0]) != -int(agreed[1]):
+            raise ValueError(f"the processes see different checkpoints in {self.config.directory!r}: this is rank "
+                             f"{self.backend.rank}, its {what} is {path!r}; put the checkpoint directory on a "
+                             "filesystem that every process shares")
+
+    def _set_aside(self, rejected: list[tuple[str, str]], *, chosen: str, older: list[str],
+                   progress: Progress) -> None:
+        """Warns about the damaged checkpoints newer than ``chosen``; the writer moves them to ``damaged/``
+        and rewrites the state file, so no save reuses their numbers and rotation counts only loadable ones."""
+        directory = self.config.directory
+        moved = self._writer_dir == directory
+        if moved:
+            checkpoint_files.set_aside(directory, [p for p, _ in rejected])
+            checkpoint_files.rewrite_state(directory, latest=chosen, older=list(reversed(older)))
+            self._manager = tf.train.CheckpointManager(self.checkpoint, directory, max_to_keep=self.config.keep)
+        if self.backend.is_chief:
+            for path, reason in rejected:
+                print(f"disttrain: WARNING: checkpoint {path} does not load: {reason}", file=sys.stderr, flush=True)
+            where = f"; their files are moved to {os.path.join(directory, checkpoint_files.DAMAGED_DIR)}/" \
+                if moved else ""
+            print(f"disttrain: WARNING: resuming from {chosen} (global step {progress.global_step}), the newest "
+                  f"checkpoint that loads, instead of {rejected[0][0]}{where}", file=sys.stderr, flush=True)
 
     def _check_same_run(self, progress: Progress, path: str) -> None:
         fit = self.trainer.fit_config
@@ -294,14 +408,3 @@ class CheckpointSession:
             return
         for leftover in glob.glob(os.path.join(self.config.directory, "*_temp")):
             shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _checkpoint_number(path: str | None) -> int:
-    """The save counter of ``.../ckpt-<n>`` (-1 for None)."""
-    if path is None:
-        return -1
-    try:
-        return int(path.rsplit("-", 1)[1])
-    except (IndexError, ValueError):
-        raise ValueError(f"unexpected checkpoint name {path!r}; disttrain's checkpoints are named ckpt-<n>"
-                         ) from None
