@@ -254,7 +254,8 @@ class CheckpointSession:
         variables = sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in self.checkpoint_variables())
         return checkpoint_files.describe_save_failure(path=attempted, err=err, rank=self.backend.rank,
                                                       previous=self._manager.latest_checkpoint,
-                                                      variables_bytes=variables)
+                                                      variables_bytes=variables,
+                                                      private=self._writer_dir != self.config.directory)
 
     def _agree_on_save(self, failure: str | None) -> None:
         """Every process learns whether every process saved (one all-reduce of one flag per rank)."""

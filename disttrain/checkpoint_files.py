@@ -215,17 +215,21 @@ def remove_partial(path: str) -> None:
 
 
 def describe_save_failure(*, path: str, err: BaseException, rank: int, previous: str | None,
-                          variables_bytes: int) -> str:
-    """The one message for a save that failed: directory, rank, size, free space, the fix."""
+                          variables_bytes: int, private: bool = False) -> str:
+    """The one message for a save that failed: directory, rank, size, free space, the fix (``private``: the
+    directory is this process's temporary copy inside the checkpoint directory)."""
     directory = os.path.dirname(path)
     free = _free(directory)
-    size = _checkpoint_size(previous) or variables_bytes
+    size = (0 if private else _checkpoint_size(previous)) or variables_bytes
     text = _first_line(err)
     full = "No space left on device" in text or isinstance(err, tf.errors.ResourceExhaustedError)
     cause = "the disk is full" if full else text
     fix = ("free space there or give Checkpointing a directory on a larger disk" if full else
            "make the directory writable (or give Checkpointing another one)")
-    kept = f"the previous checkpoint {previous} is intact" if previous else "there is no previous checkpoint"
+    if private:  # a MultiWorker worker's temporary copy, deleted after each save
+        kept = f"the checkpoints in {os.path.dirname(directory)} are untouched"
+    else:
+        kept = f"the previous checkpoint {previous} is intact" if previous else "there is no previous checkpoint"
     return (f"rank {rank} could not write checkpoint {os.path.basename(path)} to {directory}: {cause} "
             f"(a checkpoint takes about {_size(size)}, {free}); {fix}; the partial files were removed "
             f"and {kept}")

@@ -4,7 +4,7 @@ Starting TensorFlow and a backend costs 4-15 s a launch on these 2 cores (horovo
 TensorFlow once more to check its Gloo build), so the workers of several test files run one after
 another in ONE launch per backend (tests/workers/shared_runner.py): the collectives, the equivalence
 trainings, the LR timelines, the data epochs, the observability run, the seed programs, the resumes of
-checkpoints, the non-finite and the input-check cases. The backend comes from the launcher's environment
+checkpoints, damaged checkpoints and storage faults, the non-finite and the input-check cases. The backend comes from the launcher's environment
 alone (``--backend auto``). Each job writes into its own directory and each rank's stdout of each job is
 kept apart, so a test sees what it saw when its worker had a launch of its own. The launch runs when a
 test first asks for one of its jobs.
@@ -44,6 +44,8 @@ JOBS = {
                lambda out, *_: ["--history-json", str(out / "history.json"), "--data-dir", str(out / "data")]),
     # resumes the checkpoints of tests/test_checkpoint_resume.py's stopped runs (launched first)
     "resume": (WORKERS / "resume.py", ALL, resume_args),
+    # damaged checkpoints, a full disk, a directory each rank sees differently (tests/test_checkpoint_damage*.py)
+    "ckpt_damage": (WORKERS / "ckpt_damage.py", ("multiworker", "horovod-gloo"), lambda out, *_: ["--out", str(out)]),
     "nonfinite": (WORKERS / "nonfinite.py", ALL, lambda out, *_: ["--out", str(out)]),
     "checks": (WORKERS / "checks.py", DISTRIBUTED, lambda out, *_: ["--out", str(out)]),
 }
