@@ -7,6 +7,7 @@ tests/test_checkpoint_faults.py.
 import glob
 import os
 import re
+import shutil
 import subprocess
 import time
 
@@ -35,15 +36,23 @@ def _numbers(directory):
     return sorted(int(m.group(1)) for f in os.listdir(directory) if (m := re.match(r"ckpt-(\d+)\.index$", f)))
 
 
+@pytest.fixture(scope="module")
+def pristine(backend, tmp_path_factory):  # noqa: F811
+    """Made once: a run stopped after epoch 2 (ckpt-2..ckpt-4: steps 4, 6 and fit's end at step 6) and
+    the weights of the uninterrupted 4-epoch run."""
+    root = tmp_path_factory.mktemp("pristine")
+    _, reference = _train(backend, root / "reference")
+    _train(backend, root / "ckpt", epochs=2)
+    assert _numbers(root / "ckpt") == [2, 3, 4]
+    return root / "ckpt", _weights(reference)
+
+
 @pytest.fixture
-def stopped_run(backend, tmp_path):  # noqa: F811
-    """A run stopped after epoch 2 (ckpt-2..ckpt-4: steps 4, 6 and fit's end at step 6) and the weights of
-    the uninterrupted 4-epoch run."""
-    _, reference = _train(backend, tmp_path / "reference")
-    directory = tmp_path / "ckpt"
-    _train(backend, directory, epochs=2)
-    assert _numbers(directory) == [2, 3, 4]
-    return directory, _weights(reference)
+def stopped_run(pristine, tmp_path):
+    """A copy of the stopped run's directory, and the uninterrupted run's weights."""
+    directory, reference = pristine
+    shutil.copytree(directory, tmp_path / "ckpt")
+    return tmp_path / "ckpt", reference
 
 
 def _damage(directory, how):
@@ -120,10 +129,9 @@ def test_a_deleted_state_file_still_resumes_from_the_files(backend, stopped_run,
         np.testing.assert_array_equal(got, want)
 
 
-def test_a_save_that_does_not_read_back_never_counts(backend, tmp_path, monkeypatch):  # noqa: F811
+def test_a_save_that_does_not_read_back_never_counts(backend, stopped_run, monkeypatch):  # noqa: F811
     """The verification runs before the state file names the new checkpoint and before rotation."""
-    directory = tmp_path / "ckpt"
-    _train(backend, directory, epochs=2)
+    directory, _ = stopped_run
     state = (directory / "checkpoint").read_text()
 
     verify = checkpoint_files.verify_save
@@ -168,7 +176,7 @@ class FillDiskAt(dt.Callback):
                 f.close()
 
 
-def test_a_full_disk_names_the_directory_size_and_free_space_and_keeps_the_previous(backend, tmp_path):  # noqa: F811
+def test_a_full_disk_names_the_directory_size_and_free_space_and_keeps_the_previous(backend, pristine, tmp_path):  # noqa: F811
     disk = tmp_path / "small"
     _mount_tmpfs(disk, "2m")
     directory = disk / "ckpt"
@@ -188,8 +196,7 @@ def test_a_full_disk_names_the_directory_size_and_free_space_and_keeps_the_previ
         assert _numbers(directory) == [1] and not glob.glob(str(directory / "ckpt-2*")), os.listdir(directory)
         os.remove(disk / "filler")
         _, model = _train(backend, directory)  # resumes from ckpt-1 and finishes
-        _, reference = _train(backend, tmp_path / "reference")
-        for got, want in zip(model.get_weights(), reference.get_weights()):
+        for got, want in zip(model.get_weights(), pristine[1]):
             np.testing.assert_array_equal(got, want)
     finally:
         subprocess.run(["umount", "-l", str(disk)], capture_output=True)
