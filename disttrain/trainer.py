@@ -75,7 +75,8 @@ class Trainer:
         a ``LossScaleOptimizer`` keeps its own rule.
       step_timeout: Seconds a step, eager collective, callback or checkpoint save may take inside ``fit``
         and ``evaluate``; longer, and every rank prints where it is, dumps its Python stacks and exits with
-        code 124 (see ``disttrain.watchdog``). None (default) reads ``DISTTRAIN_STEP_TIMEOUT``; unset or 0: off.
+        code 124 (see ``disttrain.watchdog``). None (default) reads ``DISTTRAIN_STEP_TIMEOUT``; unset: the
+        backend's ``default_step_timeout`` (1800 s under Horovod's MPI controller, else off); 0: off.
       drift_check_every_steps: Every so many train steps, compare checksums of the trainable and optimizer
         variables over every replica (one all-reduce) and raise :class:`disttrain.drift.DriftError`, naming
         the first variable that differs, when they are out of sync (see ``disttrain.drift``). 0: off.
@@ -97,7 +98,7 @@ class Trainer:
         self.backend = backend or get_backend("auto")
         self.on_nonfinite = nonfinite.check_policy(on_nonfinite)
         self._nonfinite = nonfinite.Monitor(policy=on_nonfinite, backend=self.backend, print_fn=print_fn)
-        self.step_timeout = watchdog_lib.timeout_from(step_timeout)
+        self.step_timeout = watchdog_lib.timeout_from(step_timeout, default=self.backend.default_step_timeout)
         self._marker = watchdog_lib.GradientMarker(backend=self.backend) if self.step_timeout else None
         self._watchdog: watchdog_lib.Watchdog | None = None
         self._called: set[tuple] = set()  # compiled steps called once (traced) already

@@ -55,8 +55,9 @@ _NULL = contextlib.nullcontext()
 _active: "Watchdog | None" = None
 
 
-def timeout_from(value: float | None, environ: dict | None = None) -> float | None:
-    """The watchdog timeout in seconds: ``value``, else :data:`TIMEOUT_ENV`; None (or 0) when off.
+def timeout_from(value: float | None, environ: dict | None = None, *, default: float | None = None) -> float | None:
+    """The watchdog timeout in seconds: ``value``, else :data:`TIMEOUT_ENV`, else ``default`` (the backend's
+    :attr:`~disttrain.Backend.default_step_timeout`); None when off (0 turns it off).
 
     Raises:
       ValueError: For a negative or non-numeric timeout.
@@ -65,7 +66,7 @@ def timeout_from(value: float | None, environ: dict | None = None) -> float | No
     if value is None:
         raw = (os.environ if environ is None else environ).get(TIMEOUT_ENV, "").strip()
         if not raw:
-            return None
+            return default
         source = TIMEOUT_ENV
         try:
             value = float(raw)

@@ -243,6 +243,11 @@ class Backend(abc.ABC):
     #: may wait for a peer); read by the stall watchdog.
     input_waits_for_peers: bool = False
 
+    #: The stall watchdog's timeout (seconds) when neither ``Trainer(step_timeout=...)`` nor
+    #: ``DISTTRAIN_STEP_TIMEOUT`` gives one; None: off. Set by backends whose collectives never time out by
+    #: themselves when a peer is lost, so that such a run still ends in bounded time.
+    default_step_timeout: float | None = None
+
     def stall_hint(self) -> str:
         """Advice the stall watchdog adds to its message on this backend ("" for none)."""
         return ""

@@ -114,6 +114,10 @@ def describe_horovod_failure(err: BaseException, *, rank: int, size: int, hosts:
     return CollectiveFailure(summary=summary, unknown_why=why, next_step="see the other ranks' logs for the first error")
 
 
+#: The watchdog's default under the MPI controller: OpenMPI waits for a stopped or partitioned peer forever.
+MPI_STEP_TIMEOUT = 1800.0
+
+
 def _raw(variable: Any) -> tf.Variable:
     return variable if isinstance(variable, tf.Variable) else getattr(variable, "value", variable)
 
@@ -249,6 +253,13 @@ class HorovodBackend(Backend):
         return ("Horovod's own stall inspector (HOROVOD_STALL_CHECK_TIME_SECONDS, printed by rank 0) names the ranks "
                 "missing from a collective under mpirun or horovodrun --mpi; Horovod 0.28.1 under Gloo "
                 "(horovodrun --gloo) never prints it.")
+
+    @property
+    def default_step_timeout(self) -> float | None:
+        """:data:`MPI_STEP_TIMEOUT` under the MPI controller (mpirun): MPI collectives never time out, so a
+        peer that stops answering without dying would hold the others forever; under Gloo None (Gloo's own
+        timeout, HOROVOD_GLOO_TIMEOUT_SECONDS, ends such a wait)."""
+        return None if self._hvd.gloo_enabled() else MPI_STEP_TIMEOUT
 
     def describe_collective_failure(self, err: BaseException) -> CollectiveFailure | None:
         """Horovod's error after its background thread stopped on a failed collective ("Horovod has been
