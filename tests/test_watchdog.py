@@ -80,6 +80,10 @@ def test_timeout_from_argument_and_environment():
     assert watchdog.timeout_from(None, {"DISTTRAIN_STEP_TIMEOUT": "90"}) == 90.0
     assert watchdog.timeout_from(0, {"DISTTRAIN_STEP_TIMEOUT": "90"}) is None
     assert watchdog.timeout_from(30, {}) == 30.0
+    # a backend's default (Horovod's MPI controller: 1800 s) applies when neither the argument nor the variable is set
+    assert watchdog.timeout_from(None, {}, default=1800.0) == 1800.0
+    assert watchdog.timeout_from(None, {"DISTTRAIN_STEP_TIMEOUT": "0"}, default=1800.0) is None
+    assert watchdog.timeout_from(0, {}, default=1800.0) is None
     with pytest.raises(ValueError, match=r"DISTTRAIN_STEP_TIMEOUT='ten' is not a number of seconds"):
         watchdog.timeout_from(None, {"DISTTRAIN_STEP_TIMEOUT": "ten"})
     with pytest.raises(ValueError, match=r"step_timeout=-1 must be a number of seconds >= 0"):
