@@ -290,17 +290,14 @@ class Trainer:
             lost = failures.translate(self.backend, err, phase=f"compiled {step_calls.name(key[0], self.global_step, count)}",
                                       position=functools.partial(self._position, running=key[0] == "train"),
                                       resume=self._resume)
-            raise err if lost is None else lost from err
+            if lost is None:
+                raise
+            raise lost from err
 
     def _position(self, *, running: bool = False) -> failures.Position:
         """Where the loop is: in the next train step (``running``) or after the last one."""
         return failures.Position(global_step=self.global_step + running, epoch=self.epoch + 1,
                                  epoch_step=self.epoch_step + running, epoch_steps=self.epoch_steps, running=running)
-
-    def _lost_peers(self) -> contextlib.AbstractContextManager:
-        """A failed collective anywhere in ``fit`` / ``evaluate`` becomes a :class:`disttrain.CollectiveError`."""
-        return failures.translating(self.backend, phase="the training loop", position=self._position,
-                                    resume=self._resume)
 
     def _phase(self, kind: str, what: str) -> contextlib.AbstractContextManager:
         return self._watchdog.phase(kind, what) if self._watchdog is not None else contextlib.nullcontext()
@@ -408,7 +405,7 @@ class Trainer:
         # The signal watcher stays installed until a preempted process has exited: a launcher that signals
         # again while it ends (horovodrun does) must not turn its exit code 42 into 143.
         with session.watcher if session is not None else contextlib.nullcontext(), self._watching(), \
-                self._lost_peers():
+                failures.translating(self.backend, phase="fit", position=self._position, resume=self._resume):
             try:
                 for epoch in range(first_epoch, initial_epoch + epochs):
                     logs = self._train_epoch(
@@ -485,7 +482,8 @@ class Trainer:
         _check_steps_per_execution(steps_per_execution)
         metrics_lib.reset(self.eval_metrics)
         data_lib.check_data(data, model=self.model)
-        with self._watching(), self._lost_peers():
+        with self._watching(), failures.translating(self.backend, phase="evaluate", position=self._position,
+                                                    resume=self._resume):
             logs, _, _ = self._run_epoch("eval", data, global_batch_size=global_batch_size, epoch=0, steps=steps,
                                          seed=None, remainder=remainder, metrics=self.eval_metrics,
                                          steps_per_execution=steps_per_execution)

@@ -63,8 +63,7 @@ def horovod_env(*, fusion_threshold_mb: float | None = None, cycle_time_ms: floa
 
 
 #: What Horovod's errors say when a collective failed (Gloo's own words are in Horovod's log line before).
-_LOST = ("Horovod has been shut down", "Timed out waiting", "Connection closed by peer", "Connection reset by peer",
-         "Broken pipe", "gloo::")
+_LOST = ("Horovod has been shut down", "gloo")
 
 
 def describe_horovod_failure(err: BaseException, *, rank: int, size: int, hosts: dict[int, str], controller: str,

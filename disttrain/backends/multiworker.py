@@ -62,17 +62,18 @@ def _task_list(cluster: dict) -> list[tuple[str, int, str]]:
 # What TensorFlow's collectives and coordination service say when a peer or the network is lost.
 _TASK = re.compile(r"/job:(\w+)/replica:\d+/task:(\d+)")
 _UNHEALTHY = "stopped sending heartbeats"
-_LOST = ("Collective ops is aborted", "CoordinationService", "coordination service", "Socket closed",
-         "Connection reset", "ailed to connect", "Connection refused", "eartbeat", "unhealthy")
+#: Words of TensorFlow's collectives and coordination service (not of, e.g., a file system a step reads).
+_LOST = ("Collective ops is aborted", "CoordinationService", "coordination service", _UNHEALTHY)
 
 
 def describe_tf_failure(err: BaseException, *, rank: int, tasks: list[tuple[str, int, str]],
                         probe=reachability.probe) -> CollectiveFailure | None:
     """Reads a TensorFlow error of a multi-worker collective (see
     :meth:`MultiWorkerBackend.describe_collective_failure`); ``tasks`` as :func:`_task_list`."""
-    if not isinstance(err, tf.errors.OpError) or not any(word in (err.message or "") for word in _LOST):
+    text = (err.message or "") if isinstance(err, tf.errors.OpError) else ""
+    peers_named = any(address in text for r, (_, _, address) in enumerate(tasks) if r != rank)
+    if not text or not (peers_named or any(word in text for word in _LOST)):
         return None
-    text = err.message
     ranks = {(job, index): r for r, (job, index, _) in enumerate(tasks)}
     label = lambda r: f"rank {r} ({tasks[r][0]} {tasks[r][1]} at {tasks[r][2]})"  # noqa: E731
     own_host = tasks[rank][2].rpartition(":")[0]
