@@ -103,10 +103,11 @@ def describe_horovod_failure(err: BaseException, *, rank: int, size: int, hosts:
     if len(others) == 1:  # the one other rank is the lost one; its host answers, so the process itself is gone
         r = others[0]
         where = f" on {hosts[r]}" if r in hosts else ""
-        how = (f"its host answers a probe ({verdicts[hosts[r]].describe()})" if r in hosts and hosts[r] in verdicts
-               else "it runs on this host" if r in hosts else "its host is not known here")
-        return CollectiveFailure(summary=summary, peers=(f"rank {r}{where} (the only other rank; {how}, so its "
-                                                         "process died, stopped or hung)",),
+        how = (f"its host answers a probe ({verdicts[hosts[r]].describe()}), so its process died, stopped or hung"
+               if r in hosts and hosts[r] in verdicts else
+               "it runs on this host, so its process died, stopped or hung" if hosts.get(r) == own else
+               "its host is not known under mpirun" if r not in hosts else "its host was not probed")
+        return CollectiveFailure(summary=summary, peers=(f"rank {r}{where} (the only other rank; {how})",),
                                  next_step=f"see rank {r}'s log for its own error")
     why = ("every peer's host answers a probe and Horovod does not say which rank failed (its log above may)"
            if hosts else "the ranks' hosts are not known under mpirun; mpirun's own message names a rank it lost")
