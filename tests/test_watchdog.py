@@ -70,6 +70,8 @@ def test_a_stalled_rank_aborts_every_rank_saying_where_each_was(backend, where, 
         assert "Horovod 0.28.1 under Gloo (horovodrun --gloo) never prints it" in waiting
     if backend == "horovod-mpi":  # DISTTRAIN_STEP_TIMEOUT=8 set HOROVOD_STALL_CHECK_TIME_SECONDS=2
         assert re.search(r"Missing ranks:\s*\n\s*(\[\d+\]<stderr>:)?\s*1: \[", output), output[-4000:]
+    # on by default (1800 s) only where nothing else bounds a lost peer: Horovod's MPI controller
+    assert (tmp_path / "default_step_timeout").read_text() == ("1800.0" if backend == "horovod-mpi" else "None")
     print(f"{backend} {where}: {seconds:.1f} s from the stall to the end of every process")
     assert seconds < TIMEOUT + 30, f"{backend}: {seconds:.1f} s from the stall to the end of every process"
 
