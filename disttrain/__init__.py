@@ -24,6 +24,7 @@ _NAMES = {
     "detect": "disttrain.backends", "get_backend": "disttrain.backends",
     "Callback": "disttrain.callbacks", "current_learning_rate": "disttrain.callbacks",
     "Checkpointing": "disttrain.checkpoint", "CheckpointError": "disttrain.checkpoint_files",
+    "CollectiveError": "disttrain.backends.failures",
     "DriftError": "disttrain.drift", "NonFiniteError": "disttrain.nonfinite", "STALL_EXIT_CODE": "disttrain.watchdog",
     "PREEMPTION_EXIT_CODE": "disttrain.preemption", "Preempted": "disttrain.preemption",
     "StepContext": "disttrain.step_context",
@@ -56,6 +57,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     from disttrain import data, lr, metrics, shards, summaries  # noqa: F401
     from disttrain.backends import Backend, GradientOptions, InputContext, detect, get_backend  # noqa: F401
     from disttrain.callbacks import Callback, current_learning_rate  # noqa: F401
+    from disttrain.backends.failures import CollectiveError  # noqa: F401
     from disttrain.checkpoint import Checkpointing  # noqa: F401
     from disttrain.checkpoint_files import CheckpointError  # noqa: F401
     from disttrain.drift import DriftError  # noqa: F401

@@ -75,3 +75,10 @@ def call_length(*, step: int, steps_per_execution: int, remaining: int, interval
     if drift_every_steps:
         count = min(count, drift_every_steps - step % drift_every_steps)
     return max(1, count)
+
+
+def name(kind: str, step: int, count: int) -> str:
+    """``"train step 7"``, ``"train steps 7-22 (one call)"`` (the call after global ``step``) or ``"eval step"``."""
+    if kind != "train":
+        return "eval step"
+    return f"train step {step + 1}" if count == 1 else f"train steps {step + 1}-{step + count} (one call)"

@@ -23,6 +23,7 @@ from disttrain.checkpoint import Checkpointing, CheckpointSession, Progress
 from disttrain.preemption import Preempted, exit_now
 from disttrain.progress import ProgressBar
 from disttrain.backends import Backend, get_backend
+from disttrain.backends import failures
 from disttrain.callbacks import Callback, current_learning_rate, dispatch
 from disttrain.step_context import StepContext
 from disttrain.totals import EpochTotals
@@ -74,7 +75,8 @@ class Trainer:
         a ``LossScaleOptimizer`` keeps its own rule.
       step_timeout: Seconds a step, eager collective, callback or checkpoint save may take inside ``fit``
         and ``evaluate``; longer, and every rank prints where it is, dumps its Python stacks and exits with
-        code 124 (see ``disttrain.watchdog``). None (default) reads ``DISTTRAIN_STEP_TIMEOUT``; unset or 0: off.
+        code 124 (see ``disttrain.watchdog``). None (default) reads ``DISTTRAIN_STEP_TIMEOUT``; unset: the
+        backend's ``default_step_timeout`` (1800 s under Horovod's MPI controller, else off); 0: off.
       drift_check_every_steps: Every so many train steps, compare checksums of the trainable and optimizer
         variables over every replica (one all-reduce) and raise :class:`disttrain.drift.DriftError`, naming
         the first variable that differs, when they are out of sync (see ``disttrain.drift``). 0: off.
@@ -96,7 +98,7 @@ class Trainer:
         self.backend = backend or get_backend("auto")
         self.on_nonfinite = nonfinite.check_policy(on_nonfinite)
         self._nonfinite = nonfinite.Monitor(policy=on_nonfinite, backend=self.backend, print_fn=print_fn)
-        self.step_timeout = watchdog_lib.timeout_from(step_timeout)
+        self.step_timeout = watchdog_lib.timeout_from(step_timeout, default=self.backend.default_step_timeout)
         self._marker = watchdog_lib.GradientMarker(backend=self.backend) if self.step_timeout else None
         self._watchdog: watchdog_lib.Watchdog | None = None
         self._called: set[tuple] = set()  # compiled steps called once (traced) already
@@ -151,6 +153,7 @@ class Trainer:
             raise TypeError(f"checkpointing must be a disttrain.Checkpointing, got {checkpointing!r}; e.g. "
                             "checkpointing=dt.Checkpointing('runs/exp/ckpt', every_steps=500)")
         self.checkpointing = CheckpointSession(config=checkpointing, trainer=self) if checkpointing else None
+        self._resume = failures.resume_hint(checkpointing.directory if checkpointing else None)
 
     @property
     def trainable_variables(self) -> list:
@@ -267,7 +270,7 @@ class Trainer:
               *, element_spec: Any, count: int = 1) -> Any:
         """Calls the compiled ``fn(*args, control)`` (``count`` steps), watched by the watchdog; a dtype clash
         between the labels (of ``element_spec``) and the model's output, which TF reports when it traces the
-        step, is re-raised with both dtypes and the fix."""
+        step, is re-raised with both dtypes and the fix; a failed collective as :class:`disttrain.CollectiveError`."""
         try:
             if self._watchdog is None:
                 return fn(*args, control, None)
@@ -275,16 +278,26 @@ class Trainer:
             first = key not in self._called
             self._called.add(key)
             self._watchdog.step_applies_gradients = compiled.ctx.applies_gradients
-            step = self.global_step + 1
-            what = "eval step" if key[0] != "train" else (
-                f"train step {step}" if count == 1 else f"train steps {step}-{step + count - 1} (one call)")
-            with self._watchdog.phase("step", what, mark=self._step_calls, first=first, count=count):
+            with self._watchdog.phase("step", step_calls.name(key[0], self.global_step, count), mark=self._step_calls,
+                                      first=first, count=count):
                 return fn(*args, control, tf.constant(self._step_calls, tf.int64))
         except TypeError as err:
             explained = data_checks.explain_dtype_mismatch(err, element_spec=element_spec, model=self.model)
             if explained is None:
                 raise
             raise explained from err
+        except Exception as err:  # noqa: BLE001 - re-raised as it is unless the backend calls it a lost peer
+            lost = failures.translate(self.backend, err, phase=f"compiled {step_calls.name(key[0], self.global_step, count)}",
+                                      position=functools.partial(self._position, running=key[0] == "train"),
+                                      resume=self._resume)
+            if lost is None:
+                raise
+            raise lost from err
+
+    def _position(self, *, running: bool = False) -> failures.Position:
+        """Where the loop is: in the next train step (``running``) or after the last one."""
+        return failures.Position(global_step=self.global_step + running, epoch=self.epoch + 1,
+                                 epoch_step=self.epoch_step + running, epoch_steps=self.epoch_steps, running=running)
 
     def _phase(self, kind: str, what: str) -> contextlib.AbstractContextManager:
         return self._watchdog.phase(kind, what) if self._watchdog is not None else contextlib.nullcontext()
@@ -391,7 +404,8 @@ class Trainer:
         logs: dict[str, float] = {}
         # The signal watcher stays installed until a preempted process has exited: a launcher that signals
         # again while it ends (horovodrun does) must not turn its exit code 42 into 143.
-        with session.watcher if session is not None else contextlib.nullcontext(), self._watching():
+        with session.watcher if session is not None else contextlib.nullcontext(), self._watching(), \
+                failures.translating(self.backend, phase="fit", position=self._position, resume=self._resume):
             try:
                 for epoch in range(first_epoch, initial_epoch + epochs):
                     logs = self._train_epoch(
@@ -468,7 +482,8 @@ class Trainer:
         _check_steps_per_execution(steps_per_execution)
         metrics_lib.reset(self.eval_metrics)
         data_lib.check_data(data, model=self.model)
-        with self._watching():
+        with self._watching(), failures.translating(self.backend, phase="evaluate", position=self._position,
+                                                    resume=self._resume):
             logs, _, _ = self._run_epoch("eval", data, global_batch_size=global_batch_size, epoch=0, steps=steps,
                                          seed=None, remainder=remainder, metrics=self.eval_metrics,
                                          steps_per_execution=steps_per_execution)

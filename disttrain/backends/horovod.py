@@ -9,7 +9,9 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
+from disttrain.backends import reachability
 from disttrain.backends.base import Backend, InputContext
+from disttrain.backends.failures import CollectiveFailure
 from disttrain.backends.rendezvous import startup_timeout as _startup_timeout
 from disttrain.backends.rendezvous import under_mpi, wait_for_horovod_peers
 from disttrain.install import INSTALL_HINT as SETUP_HINT
@@ -58,6 +60,62 @@ def horovod_env(*, fusion_threshold_mb: float | None = None, cycle_time_ms: floa
             raise ValueError(f"cycle_time_ms={cycle_time_ms} must be > 0 (Horovod's default is 1)")
         env["HOROVOD_CYCLE_TIME"] = str(float(cycle_time_ms))
     return env
+
+
+#: What Horovod's errors say when a collective failed (Gloo's own words are in Horovod's log line before).
+_LOST = ("Horovod has been shut down", "gloo")
+
+
+def describe_horovod_failure(err: BaseException, *, rank: int, size: int, hosts: dict[int, str], controller: str,
+                             probe_port: int | None, probe=reachability.probe) -> CollectiveFailure | None:
+    """Reads a Horovod error (see :meth:`HorovodBackend.describe_collective_failure`).
+
+    Args:
+      hosts: Every rank's host, from the start-up rendezvous (``{}`` under mpirun: unknown).
+      controller: ``Gloo`` or ``MPI``.
+      probe_port: The port probed on the peers' hosts (the Gloo rendezvous port: it accepts on the
+        launcher's host and is refused elsewhere; either answer shows the host is reachable).
+    """
+    text = str(err)
+    if not any(word in text for word in _LOST):
+        return None
+    if controller == "Gloo":
+        limit = os.environ.get("HOROVOD_GLOO_TIMEOUT_SECONDS", "30")
+        summary = ("Horovod shut down after a Gloo collective failed (Gloo's own error is in Horovod's log line "
+                   "'Horovod background loop uncaught exception' above: 'Timed out waiting ...ms' when a peer "
+                   f"stopped answering for HOROVOD_GLOO_TIMEOUT_SECONDS={limit} s, 'Connection closed by peer' "
+                   "when it died)")
+    else:
+        summary = ("Horovod shut down after an MPI collective failed (a rank that dies usually makes mpirun end "
+                   "the job, naming it)")
+    own = hosts.get(rank, "")
+    others = [r for r in range(size) if r != rank]
+    remote = sorted({hosts[r] for r in others if r in hosts and hosts[r] != own})
+    verdicts = dict(zip(remote, probe([(h, probe_port) for h in remote]))) if remote and probe_port else {}
+    down = [h for h, v in verdicts.items() if not v.reachable]
+    if down:
+        on = {h: [str(r) for r in others if hosts.get(r) == h] for h in down}
+        peers = tuple(f"rank{'s' if len(on[h]) > 1 else ''} {', '.join(on[h])} on {h}: {verdicts[h].describe()}"
+                      for h in down)
+        return CollectiveFailure(summary=summary, peers=peers,
+                                 next_step=f"check the network between {own} and {', '.join(down)} "
+                                           "(and that those hosts are up)")
+    if len(others) == 1:  # the one other rank is the lost one; its host answers, so the process itself is gone
+        r = others[0]
+        where = f" on {hosts[r]}" if r in hosts else ""
+        how = (f"its host answers a probe ({verdicts[hosts[r]].describe()}), so its process died, stopped or hung"
+               if r in hosts and hosts[r] in verdicts else
+               "it runs on this host, so its process died, stopped or hung" if hosts.get(r) == own else
+               "its host is not known under mpirun" if r not in hosts else "its host was not probed")
+        return CollectiveFailure(summary=summary, peers=(f"rank {r}{where} (the only other rank; {how})",),
+                                 next_step=f"see rank {r}'s log for its own error")
+    why = ("every peer's host answers a probe and Horovod does not say which rank failed (its log above may)"
+           if hosts else "the ranks' hosts are not known under mpirun; mpirun's own message names a rank it lost")
+    return CollectiveFailure(summary=summary, unknown_why=why, next_step="see the other ranks' logs for the first error")
+
+
+#: The watchdog's default under the MPI controller: OpenMPI waits for a stopped or partitioned peer forever.
+MPI_STEP_TIMEOUT = 1800.0
 
 
 def _raw(variable: Any) -> tf.Variable:
@@ -109,7 +167,7 @@ class HorovodBackend(Backend):
                              "`disttrain launch --backend horovod`, so it runs ONE process (rank 0 of 1); launch "
                              "it with e.g. `horovodrun -np 2 python script.py`\n")
             sys.stderr.flush()
-        wait_for_horovod_peers(timeout=_startup_timeout(startup_timeout))
+        self._hosts = wait_for_horovod_peers(timeout=_startup_timeout(startup_timeout))
         hvd.init()
         gpus = tf.config.list_physical_devices("GPU")
         if gpus:
@@ -195,6 +253,22 @@ class HorovodBackend(Backend):
         return ("Horovod's own stall inspector (HOROVOD_STALL_CHECK_TIME_SECONDS, printed by rank 0) names the ranks "
                 "missing from a collective under mpirun or horovodrun --mpi; Horovod 0.28.1 under Gloo "
                 "(horovodrun --gloo) never prints it.")
+
+    @property
+    def default_step_timeout(self) -> float | None:
+        """:data:`MPI_STEP_TIMEOUT` under the MPI controller (mpirun): MPI collectives never time out, so a
+        peer that stops answering without dying would hold the others forever; under Gloo None (Gloo's own
+        timeout, HOROVOD_GLOO_TIMEOUT_SECONDS, ends such a wait)."""
+        return None if self._hvd.gloo_enabled() else MPI_STEP_TIMEOUT
+
+    def describe_collective_failure(self, err: BaseException) -> CollectiveFailure | None:
+        """Horovod's error after its background thread stopped on a failed collective ("Horovod has been
+        shut down"; Gloo's own words go to the log): the peers' hosts (from the start-up rendezvous) are
+        probed, so a host that cannot be reached is named; with two ranks the other one is the lost one."""
+        port = os.environ.get("HOROVOD_GLOO_RENDEZVOUS_PORT", "")
+        return describe_horovod_failure(err, rank=self.rank, size=self.size, hosts=self._hosts,
+                                        controller="Gloo" if self._hvd.gloo_enabled() else "MPI",
+                                        probe_port=int(port) if port.isdigit() else None)
 
     # -- input ---------------------------------------------------------------------------------
     def distribute_dataset(self, dataset_fn: Callable[[InputContext], tf.data.Dataset], *,

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import threading
 
 import tensorflow as tf
 
+from disttrain.backends import reachability
+from disttrain.backends.failures import CollectiveFailure
 from disttrain.backends.rendezvous import startup_timeout as _startup_timeout
 from disttrain.backends.rendezvous import tf_config_from_launcher, wait_for_peers
 from disttrain.backends.strategy import StrategyBackend
@@ -43,12 +46,69 @@ def _tasks(raw: str | None = None) -> tuple[int, list[str]]:
         raise ValueError(f"TF_CONFIG is not valid ({err}): {raw!r}; expected "
                          '{"cluster": {"worker": ["host:port", ...]}, "task": {"type": "worker", "index": 0}}'
                          ) from err
-    tasks = [("chief", i, a) for i, a in enumerate(cluster.get("chief", []))]
-    tasks += [("worker", i, a) for i, a in enumerate(cluster.get("worker", []))]
+    tasks = _task_list(cluster)
     ranks = [r for r, (k, i, _) in enumerate(tasks) if (k, i) == (kind, index)]
     if not ranks:
         raise ValueError(f"TF_CONFIG task {kind}:{index} is not a chief or worker of the cluster {cluster}")
     return ranks[0], [address for _, _, address in tasks]
+
+
+def _task_list(cluster: dict) -> list[tuple[str, int, str]]:
+    """``(job, index, address)`` of every task that trains, in rank order (chief first, then workers)."""
+    tasks = [("chief", i, a) for i, a in enumerate(cluster.get("chief", []))]
+    return tasks + [("worker", i, a) for i, a in enumerate(cluster.get("worker", []))]
+
+
+# What TensorFlow's collectives and coordination service say when a peer or the network is lost.
+_TASK = re.compile(r"/job:(\w+)/replica:\d+/task:(\d+)")
+_UNHEALTHY = "stopped sending heartbeats"
+#: Words of TensorFlow's collectives and coordination service (not of, e.g., a file system a step reads).
+_LOST = ("Collective ops is aborted", "CoordinationService", "coordination service", _UNHEALTHY)
+
+
+def describe_tf_failure(err: BaseException, *, rank: int, tasks: list[tuple[str, int, str]],
+                        probe=reachability.probe) -> CollectiveFailure | None:
+    """Reads a TensorFlow error of a multi-worker collective (see
+    :meth:`MultiWorkerBackend.describe_collective_failure`); ``tasks`` as :func:`_task_list`."""
+    text = (err.message or "") if isinstance(err, tf.errors.OpError) else ""
+    peers_named = any(address in text for r, (_, _, address) in enumerate(tasks) if r != rank)
+    if not text or not (peers_named or any(word in text for word in _LOST)):
+        return None
+    ranks = {(job, index): r for r, (job, index, _) in enumerate(tasks)}
+    label = lambda r: f"rank {r} ({tasks[r][0]} {tasks[r][1]} at {tasks[r][2]})"  # noqa: E731
+    own_host = tasks[rank][2].rpartition(":")[0]
+    named: list[int] = []
+    if _UNHEALTHY in text:  # the coordination service (on rank 0) lists the tasks whose heartbeats stopped
+        listed = text.split(_UNHEALTHY, 1)[1].split("The tasks have crashed", 1)[0]
+        named = [ranks[(j, int(i))] for j, i in _TASK.findall(listed) if (j, int(i)) in ranks]
+        whose = ", ".join(f"{tasks[r][0]} {tasks[r][1]}" for r in named) or "a task"
+        summary = f"TensorFlow's coordination service stopped hearing the heartbeats of {whose} and aborted the collectives"
+    elif "CoordinationService" in text or "coordination service" in text:
+        named = [0]  # the service runs in the first task (TF's coordination leader)
+        summary = (f"this worker's heartbeats to TensorFlow's coordination service (in {tasks[0][0]} {tasks[0][1]} "
+                   f"at {tasks[0][2]}) got no answer, and TensorFlow aborted the collectives")
+    else:
+        summary = "a collective of TensorFlow's MultiWorkerMirroredStrategy was aborted"
+        named = [r for r, (_, _, address) in enumerate(tasks) if r != rank and address in text]
+    named = [r for r in dict.fromkeys(named) if r != rank]
+    others = named or [r for r in range(len(tasks)) if r != rank]
+    addresses = [tasks[r][2].rpartition(":") for r in others]
+    verdicts = probe([(host.strip("[]"), int(port)) for host, _, port in addresses])
+    unreachable = [r for r, v in zip(others, verdicts) if not v.reachable]
+    if named:  # TensorFlow named them; the probe says how they look from here
+        peers = tuple(f"{label(r)}: {v.describe()}" for r, v in zip(others, verdicts))
+    else:
+        peers = tuple(f"{label(r)}: {v.describe()}" for r, v in zip(others, verdicts) if not v.reachable)
+    hosts = sorted({tasks[r][2].rpartition(":")[0] for r in (unreachable or named)})
+    if hosts and all(h == own_host for h in hosts):
+        next_step = (f"the peer runs on this host ({own_host}): not the network; see its log for why it died "
+                     "or stopped")
+    elif hosts:
+        next_step = f"check the network between {own_host} and {', '.join(hosts)} (and that those hosts are up)"
+    else:
+        next_step = "see the other workers' logs for the first error"
+    return CollectiveFailure(summary=summary, peers=peers, next_step=next_step,
+                             unknown_why="TensorFlow's error names no task and every peer's port answers a probe")
 
 
 class MultiWorkerBackend(StrategyBackend):
@@ -100,6 +160,15 @@ class MultiWorkerBackend(StrategyBackend):
                              "only chief and worker tasks run the training loop")
         super().__init__(strategy=strategy, rank=rank, size=size)
         self._local_rank = local_rank
+        self._tasks = _task_list(json.loads(os.environ["TF_CONFIG"])["cluster"])
+
+    def describe_collective_failure(self, err: BaseException) -> CollectiveFailure | None:
+        """TensorFlow's errors of a lost peer: "tasks are unhealthy (stopped sending heartbeats):
+        /job:worker/replica:0/task:1" (on the coordination service's task, after its heartbeat timeout of
+        10 s), a heartbeat to the coordination service that timed out (on the far side), or an aborted
+        collective naming a peer's address. The named tasks (else every peer) are probed on their
+        TF_CONFIG ports."""
+        return describe_tf_failure(err, rank=self.rank, tasks=self._tasks)
 
     @property
     def local_rank(self) -> int:

@@ -215,11 +215,14 @@ def tf_config_from_launcher(environ=None) -> str | None:
     return None
 
 
-def wait_for_horovod_peers(*, timeout: float, environ=None) -> None:
+def wait_for_horovod_peers(*, timeout: float, environ=None) -> dict[int, str]:
     """Meets the other Horovod ranks in the launcher's Gloo rendezvous server before ``hvd.init()``.
 
     Only for ranks started with Gloo (horovodrun or ``disttrain launch --backend horovod``); under mpirun,
     ``MPI_Init`` is the meeting and mpirun starts every rank itself.
+
+    Returns:
+      The host of every rank (as the launcher named it), ``{}`` when there is no rendezvous server.
 
     Raises:
       TimeoutError: If some ranks did not arrive in time (names them and the server).
@@ -227,22 +230,28 @@ def wait_for_horovod_peers(*, timeout: float, environ=None) -> None:
     env = os.environ if environ is None else environ
     addr, port = env.get("HOROVOD_GLOO_RENDEZVOUS_ADDR"), env.get("HOROVOD_GLOO_RENDEZVOUS_PORT")
     if not addr or not port or "HOROVOD_RANK" not in env or env.get("HOROVOD_ELASTIC") == "1":
-        return  # no Gloo rendezvous server (mpirun), or elastic Horovod (ranks come and go by design)
+        return {}  # no Gloo rendezvous server (mpirun), or elastic Horovod (ranks come and go by design)
     rank, size = int(env["HOROVOD_RANK"]), int(env.get("HOROVOD_SIZE", "1"))
     base = f"http://{addr}:{port}/disttrain-startup"
     host = env.get("HOROVOD_HOSTNAME", socket.gethostname())
     start = time.monotonic()
     with signals_end_waiting(f"rank {rank} waited for its Horovod peers"):
         _http(f"{base}/{rank}", data=host.encode(), timeout=timeout, start=start)
+        hosts = {rank: host}
         missing = [r for r in range(size) if r != rank]
         while missing:
-            missing = [r for r in missing if _http(f"{base}/{r}", timeout=timeout, start=start) is None]
+            for r in missing:
+                found = _http(f"{base}/{r}", timeout=timeout, start=start)
+                if found is not None:
+                    hosts[r] = found.decode(errors="replace")
+            missing = [r for r in missing if r not in hosts]
             if missing and timeout and time.monotonic() - start > timeout:
                 raise TimeoutError(f"Horovod start-up: rank {rank} waited {timeout:g}s; rank(s) "
                                    f"{', '.join(map(str, missing))} of {size} did not reach the rendezvous server "
                                    f"at {addr}:{port}. Check that every rank was started, or {_HINT}")
             if missing:
                 time.sleep(0.2)
+    return hosts
 
 
 def _http(url: str, *, timeout: float, start: float, data: bytes | None = None) -> bytes | None:

@@ -64,6 +64,8 @@ def train_step(ctx, batch):
     return loss
 
 
+with open(os.path.join(args.out, "default_step_timeout"), "w") as f:  # the backend's own default (env aside)
+    f.write(repr(backend.default_step_timeout))
 trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=train_step, backend=backend, verbose=0,
                      callbacks=[StallInCallback()], log_every_steps=1)
 trainer.fit(data, global_batch_size=16, epochs=1)
