@@ -87,13 +87,17 @@ def remote_free_ports(host: str, count: int, *, ssh: Sequence[str], timeout: flo
 
 
 def multiworker_plan(command: list[str], slots: Sequence[Slot], *, ssh: Sequence[str]) -> Plan:
-    """Workers with TF_CONFIG (MultiWorkerMirroredStrategy); ports are free ports of each host."""
+    """Workers with TF_CONFIG (MultiWorkerMirroredStrategy); ports are free ports of each host.
+
+    The ports of all hosts that are this machine (``localhost``, ``127.0.0.2``, ...) are taken together:
+    the workers listen on every interface, so two of them must not share a port.
+    """
     ports: dict[int, int] = {}
     by_host: dict[str, list[Slot]] = {}
     for slot in slots:
-        by_host.setdefault(slot.host, []).append(slot)
+        by_host.setdefault(slot.host if not is_local(slot.host) else "", []).append(slot)
     for host, host_slots in by_host.items():
-        found = free_ports(len(host_slots)) if is_local(host) else remote_free_ports(host, len(host_slots), ssh=ssh)
+        found = free_ports(len(host_slots)) if not host else remote_free_ports(host, len(host_slots), ssh=ssh)
         ports.update({slot.rank: port for slot, port in zip(host_slots, found)})
     cluster = {"worker": [f"{slot.host}:{ports[slot.rank]}" for slot in slots]}
     workers = [WorkerSpec(rank=slot.rank, host=slot.host, command=list(command), local=is_local(slot.host),
