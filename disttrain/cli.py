@@ -93,7 +93,7 @@ def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                  else [Host("localhost", (args.max_workers or 2) if elastic else (args.num_workers or 2))])
     except (ValueError, OSError) as err:
         parser.error(str(err))
-    num_workers = None if elastic else args.num_workers or sum(h.slots for h in hosts)
+    num_workers = args.num_workers if elastic else args.num_workers or sum(h.slots for h in hosts)
     try:
         return launch(command, backend=args.backend, hosts=hosts, num_workers=num_workers,
                       max_restarts=args.max_restarts, grace_period=args.grace_period, stop_timeout=args.stop_timeout,
