@@ -12,6 +12,7 @@
 
 import glob
 import json
+import os
 import re
 import signal
 import subprocess
@@ -69,11 +70,18 @@ def weights(path):
         return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
 
 
+#: The Horovod (Gloo) case passed here too (68 s, 4e-7 relative) but costs as much again as the MultiWorker one:
+#: it runs with DISTTRAIN_ELASTIC_HOROVOD=1 (the agent's Horovod plans are tested below without TensorFlow).
+HOROVOD_CASE = pytest.param("horovod", marks=pytest.mark.skipif(
+    not os.environ.get("DISTTRAIN_ELASTIC_HOROVOD"), reason="68 s more; set DISTTRAIN_ELASTIC_HOROVOD=1 to run it"))
+
+
 @pytest.mark.timeout(420)
-def test_3_to_2_to_3_workers_ends_with_the_weights_of_the_uninterrupted_3_worker_run(tmp_path):
+@pytest.mark.parametrize("backend", ["multiworker", HOROVOD_CASE])
+def test_3_to_2_to_3_workers_ends_with_the_weights_of_the_uninterrupted_3_worker_run(backend, tmp_path):
     script = discovery(tmp_path, "localhost:3\n")
     start = time.monotonic()
-    proc = launch(["--min-workers", "2", "--max-workers", "3", "--host-discovery-script", script,
+    proc = launch(["--backend", backend, "--min-workers", "2", "--max-workers", "3", "--host-discovery-script", script,
                    "--discovery-interval", "0.5", "--startup-timeout", "120"],
                   [str(WORKERS / "elastic.py"), "--backend", "auto", "--out", str(tmp_path), "--ckpt",
                    str(tmp_path / "ckpt"), "--hosts-file", str(tmp_path / "hosts"), "--add-line", "127.0.0.2:1",
@@ -86,8 +94,8 @@ def test_3_to_2_to_3_workers_ends_with_the_weights_of_the_uninterrupted_3_worker
     assert "worker 2 on localhost failed with exit code 137 (SIGKILL); killing the other workers" in err
     assert "elastic: re-forming 3 -> 2 workers after the loss of worker 2 on localhost (exit code 137 (SIGKILL)): " \
            "localhost:2" in err, err[-6000:]
-    assert (f"resuming from {tmp_path / 'ckpt'}/ckpt-2 at epoch 1, step 6 (global step 6); saved by multiworker with "
-            "3 process(es) and 3 replica(s); this run: multiworker with 2 and 2") in err, err[-6000:]
+    assert (f"resuming from {tmp_path / 'ckpt'}/ckpt-2 at epoch 1, step 6 (global step 6); saved by {backend} with "
+            f"3 process(es) and 3 replica(s); this run: {backend} with 2 and 2") in err, err[-6000:]
     assert re.search(r"\[0\] disttrain elastic: re-formed 3 -> 2 worker\(s\) \(formation 2\) after the loss of worker 2 "
                      r"on localhost \(exit code 137 \(SIGKILL\)\); resumed at global step 6; first step \(global step 7\) "
                      r"done [0-9.]+s after the event", err), err[-6000:]
@@ -106,7 +114,7 @@ def test_3_to_2_to_3_workers_ends_with_the_weights_of_the_uninterrupted_3_worker
         assert (tmp_path / f"steps_rank{rank}").read_text() == "24 3"
     worst = max(float(np.max(np.abs(a - b)) / np.max(np.abs(b))) for a, b in zip(final[0], reference))
     assert worst <= 1e-5, f"relative difference {worst:.2e} to the uninterrupted run"
-    print(f"3 -> 2 -> 3 workers: {seconds:.0f}s, largest relative difference {worst:.2e}, bitwise: "
+    print(f"{backend}: 3 -> 2 -> 3 workers: {seconds:.0f}s, largest relative difference {worst:.2e}, bitwise: "
           f"{all(np.array_equal(a, b) for a, b in zip(final[0], reference))}")
     # TensorBoard: the world size over the steps, one point per formation
     import tensorflow as tf
@@ -182,6 +190,24 @@ def test_a_lost_horovod_rank_re_forms_with_a_new_size_and_rendezvous(tmp_path):
     assert first["HOROVOD_GLOO_RENDEZVOUS_PORT"] != second["HOROVOD_GLOO_RENDEZVOUS_PORT"]
     assert "re-forming 2 -> 1 workers after the loss of worker 1 on localhost (exit code 137 (SIGKILL))" in err
     assert not (tmp_path / "env1.1.json").exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_host_that_cannot_be_reached_is_left_out(tmp_path):
+    script = discovery(tmp_path, "localhost:2\nnohost.invalid:1\n")
+    proc = launch(["--min-workers", "2", "--host-discovery-script", script, "--ssh", "false"],
+                  [str(PROBE), "--out", str(tmp_path), "--mode", "sleep", "--report", "--save-seconds", "0.2"])
+    try:
+        wait_for(tmp_path / "env1.0.json", proc)
+        proc.send_signal(signal.SIGTERM)
+        code, out, err = finish(proc, timeout=50)
+    except BaseException:
+        _kill_tree(proc.pid)
+        raise
+    assert code == 42, err[-3000:]
+    assert "elastic: cannot start processes on nohost.invalid: `false nohost.invalid " in err
+    assert "; its slots are out of use" in err and not (tmp_path / "env2.0.json").exists()
+    assert len(json.loads(json.loads((tmp_path / "env0.0.json").read_text())["TF_CONFIG"])["cluster"]["worker"]) == 2
 
 
 @pytest.mark.timeout(60)

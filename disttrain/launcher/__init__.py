@@ -20,7 +20,7 @@ from typing import Sequence
 from disttrain.launcher.discovery import Discovery
 from disttrain.launcher.elastic import DEFAULT_ELASTIC_TIMEOUT, TOO_FEW_WORKERS, ElasticAgent
 from disttrain.launcher.hosts import Host, assign_slots
-from disttrain.launcher.plans import horovod_plan, multiworker_plan
+from disttrain.launcher.plans import horovod_plan, multiworker_plan, require_horovod
 from disttrain.launcher.supervisor import PREEMPTED, Supervisor
 
 #: The remote shell used for hosts other than this one (as horovodrun's).
@@ -88,7 +88,7 @@ def launch(command: Sequence[str], *, backend: str = "multiworker", hosts: Seque
         raise ValueError("an elastic launch needs either a host list (-H/--hostfile) or --host-discovery-script, "
                          "not both")
     if backend == "horovod":
-        plans["horovod"](assign_slots([Host("localhost", 1)], num_workers=1)).close()  # Horovod there? (ImportError)
+        require_horovod()
     discovery = Discovery(hosts=hosts, script=discovery_script, interval=discovery_interval,
                           log=lambda message: supervisor.log(f"elastic: {message}"))
     agent = ElasticAgent(supervisor=supervisor, make_plan=plans[backend], discovery=discovery,

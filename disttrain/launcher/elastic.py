@@ -34,7 +34,7 @@ from typing import Callable, Sequence
 from disttrain.elastic_worker import EVENT_ENV, REPORT_PREFIX, encode_event
 from disttrain.launcher.discovery import SCRIPT_TIMEOUT, Discovery
 from disttrain.launcher.hosts import Host, Slot, assign_slots
-from disttrain.launcher.plans import Plan
+from disttrain.launcher.plans import HostUnreachable, Plan
 from disttrain.launcher.supervisor import PREEMPTED, TIMED_OUT, Outcome, Supervisor, describe_code
 
 #: Exit code when fewer than --min-workers slots were usable for longer than --elastic-timeout
@@ -158,7 +158,16 @@ class ElasticAgent:
                          f"{', '.join(f'{h}:{n}' for h, n in collections.Counter(chosen).items())}")
             self.supervisor.env[EVENT_ENV] = encode_event(reason=reason, old_size=old_size, new_size=len(chosen),
                                                           formation=self.formations, at=since)
-            plan = self.make_plan(slots)
+            try:
+                plan = self.make_plan(slots)
+            except HostUnreachable as err:  # as lost as a worker that failed there
+                for _ in range(chosen.count(err.host)):
+                    self.membership.lose(err.host)
+                self.log(f"{err}; its slots are out of use")
+                reason, since = f"{err.host} unreachable", time.time()
+                current = [h for h in chosen if h != err.host]
+                self.formations -= 1
+                continue
             self._change = None
             try:
                 outcome = self.supervisor.run_once(plan, deadline, poll=lambda: self._poll(chosen),
