@@ -6,8 +6,9 @@
   One launch: the first formation trains the reference before the elastic run.
 * The agent's rules with tests/workers/launch_probe.py (no TensorFlow, about a second a formation): a
   host added, a worker killed (its slot out of use), a new host, every host gone -> exit 75 after
-  --elastic-timeout; under Horovod a lost rank re-forms with a new HOROVOD_SIZE; a job whose workers
-  never reported checkpointing is not re-formed; elastic options that do not fit together.
+  --elastic-timeout; under Horovod a lost rank re-forms with a new HOROVOD_SIZE; a host ssh cannot reach
+  is left out; a job whose workers never reported checkpointing is not re-formed (neither after a failure
+  nor for a host change); elastic options that do not fit together.
 """
 
 import glob
@@ -218,6 +219,26 @@ def test_workers_that_never_reported_checkpointing_are_not_re_formed(tmp_path):
     assert code == 3, err[-3000:]
     assert "elastic: not re-forming: worker 1 on localhost failed (exit code 3) before any formation's rank 0 " \
            "reported dt.Checkpointing; an elastic job needs a Trainer with checkpointing=dt.Checkpointing" in err
+
+
+@pytest.mark.timeout(60)
+def test_a_host_change_waits_for_the_checkpointing_report(tmp_path):
+    script = discovery(tmp_path, "localhost:1\n")
+    proc = launch(["--host-discovery-script", script, "--discovery-interval", "0.2"],
+                  [str(PROBE), "--out", str(tmp_path), "--mode", "sleep", "--save-seconds", "0.2"])
+    try:
+        wait_for(tmp_path / "env0.0.json", proc)
+        (tmp_path / "hosts").write_text("localhost:2\n")
+        time.sleep(2)
+        proc.send_signal(signal.SIGTERM)
+        code, out, err = finish(proc, timeout=50)
+    except BaseException:
+        _kill_tree(proc.pid)
+        raise
+    assert code == 42, err[-3000:]
+    assert err.count("elastic: host discovery: localhost +1 slot (1 -> 2 workers): waiting with the re-formation "
+                     "until rank 0 reports dt.Checkpointing") == 1, err
+    assert not (tmp_path / "env1.0.json").exists() and not (tmp_path / "env0.1.json").exists()
 
 
 @pytest.mark.parametrize("options,message", [

@@ -190,6 +190,8 @@ class ElasticAgent:
                 reason = self._change or "a change of hosts"
                 self.log(f"the workers stopped after {reason}; the next formation resumes from the checkpoint "
                          "they saved at the stop (no step lost)")
+            elif not self.reported:
+                return outcome.code
             else:  # preempted: a worker exited 42 by itself; its host may be leaving: ask discovery again
                 reason = "a preemption of a worker (exit 42)"
                 self.log(f"the workers stopped after {reason}; asking {self.discovery.describe()} again")
@@ -211,8 +213,15 @@ class ElasticAgent:
         proposed = choose(chosen, self.membership.usable(hosts), max_workers=self.max_workers)
         if collections.Counter(proposed) == collections.Counter(chosen):
             return None
-        self._change = describe_change(chosen, proposed)
-        return f"elastic: {self._change}"
+        change = describe_change(chosen, proposed)
+        if not self.reported:  # without checkpoints a new formation would start from scratch
+            if change != self._change:
+                self.log(f"{change}: waiting with the re-formation until rank 0 reports dt.Checkpointing (without "
+                         "checkpoints the job cannot resume; see docs/elastic.md)")
+            self._change = change
+            return None
+        self._change = change
+        return f"elastic: {change}"
 
     def _wait_for_slots(self, current: list[str], deadline: float | None) -> list[str] | int:
         """The hosts of the next formation, once at least ``min_workers`` slots are usable; or an exit code."""

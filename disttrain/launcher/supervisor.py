@@ -9,8 +9,8 @@ The rules (docs/launch.md has them as a table):
 * A worker that exits with 42 was preempted and saved a checkpoint; the others stop at the same step by
   themselves. The launcher waits up to ``grace_period`` seconds for them and returns 42. No restart: the
   machines are going away; run the same command again to resume.
-* SIGTERM or SIGINT to the launcher is forwarded to every worker; after ``grace_period`` seconds the
-  ones still running get SIGKILL. A second signal kills them at once. The launcher returns 42 if the
+* SIGTERM or SIGINT to the launcher is forwarded to every worker (SIGTERM again every 5 s, for a worker
+  that was starting up and missed it); after ``grace_period`` seconds the ones still running get SIGKILL. A second signal kills them at once. The launcher returns 42 if the
   workers exited with 42 (the preemption checkpoint is saved).
 * No worker outlives the launcher, even after ``kill -9`` of the launcher: see the guard
   (:mod:`disttrain.launcher.guard`).
@@ -37,8 +37,9 @@ from disttrain.launcher.plans import Plan, WorkerSpec
 PREEMPTED = 42
 #: Exit code when the launcher's --timeout expires (as coreutils' timeout).
 TIMED_OUT = 124
-#: Seconds between repeated SIGTERMs of a stop ``poll`` asked for: a worker still starting up, whose
-#: TensorFlow held the signal, gets it again (disttrain's handler ignores a repeat while it saves).
+#: Seconds between repeated SIGTERMs of a stop (a forwarded SIGTERM, or one ``poll`` asked for): a worker
+#: still starting up, whose TensorFlow held the signal (MultiWorker's coordination service takes SIGTERM
+#: over while it connects), gets it again; disttrain's handler ignores a repeat while it saves.
 STOP_RESEND_SECONDS = 5.0
 
 
@@ -205,7 +206,7 @@ class Supervisor:
         """
         workers = [self._start(spec) for spec in plan.workers]
         mode, kill_at, failure, stop_since, killed = "running", None, None, 0.0, False
-        resend_at = STOP_RESEND_SECONDS
+        resend_at, resend = STOP_RESEND_SECONDS, True
         handled_signals = 0
         order: list[_Worker] = []  # in the order they exited
         stop_codes = (0, PREEMPTED, 128 + signal.SIGTERM)  # what a worker asked to stop may exit with
@@ -241,6 +242,8 @@ class Supervisor:
                     if handled_signals == 1 and mode in ("running", "preempted", "stopped"):
                         mode, kill_at, stop_since = "signalled", now + self.grace_period, now
                         request = "INT" if self._signals[-1] == signal.SIGINT else "TERM"
+                        resend = request == "TERM"  # a second SIGINT interrupts disttrain's save: never repeated
+                        resend_at = STOP_RESEND_SECONDS
                         self.log(f"{name} received: forwarded SIG{request} to {len(alive)} worker(s); SIGKILL "
                                  f"in {self.grace_period:g}s if they have not exited (--grace-period)")
                         self._send_alive(workers, request)
@@ -260,8 +263,8 @@ class Supervisor:
                         self.log(f"{reason}: asking the {len(alive)} worker(s) to stop after the same step and "
                                  f"save (SIGTERM; SIGKILL in {self.grace_period:g}s)")
                         self._send_alive(workers, "TERM")
-                if mode == "stopped" and now - stop_since >= resend_at:  # one that was starting may have missed it
-                    resend_at += STOP_RESEND_SECONDS
+                if mode in ("stopped", "signalled") and resend and now - stop_since >= resend_at:
+                    resend_at += STOP_RESEND_SECONDS  # a worker still starting up may have missed the first one
                     self._send_alive(workers, "TERM")
                 if kill_at is not None and now >= kill_at:
                     for w in alive:
