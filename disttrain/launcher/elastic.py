@@ -91,8 +91,8 @@ def to_slots(chosen: Sequence[str]) -> list[Slot]:
 def describe_change(old: Sequence[str], new: Sequence[str]) -> str:
     """``host discovery: 127.0.0.2 +1 slot, localhost -1 slot (2 -> 3 workers)``."""
     before, after = collections.Counter(old), collections.Counter(new)
-    changes = [f"{name} {after[name] - before[name]:+d} slot" for name in dict.fromkeys([*old, *new])
-               if after[name] != before[name]]
+    changes = [f"{name} {after[name] - before[name]:+d} slot{'' if abs(after[name] - before[name]) == 1 else 's'}"
+               for name in dict.fromkeys([*old, *new]) if after[name] != before[name]]
     return f"host discovery: {', '.join(changes)} ({len(old)} -> {len(new)} workers)"
 
 
@@ -235,7 +235,7 @@ class ElasticAgent:
                 self.log(f"timeout after {self.supervisor.timeout:g}s (--timeout)")
                 return TIMED_OUT
             hosts = self.discovery.hosts()
-            usable = self.membership.usable(hosts or [])
+            usable = self.membership.usable(hosts) if hosts is not None else []
             chosen = choose(current, usable, max_workers=self.max_workers)
             if len(chosen) >= self.min_workers:
                 if waiting_since is not None:
