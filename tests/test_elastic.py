@@ -97,9 +97,9 @@ def test_3_to_2_to_3_workers_ends_with_the_weights_of_the_uninterrupted_3_worker
            "localhost:2" in err, err[-6000:]
     assert (f"resuming from {tmp_path / 'ckpt'}/ckpt-2 at epoch 1, step 6 (global step 6); saved by {backend} with "
             f"3 process(es) and 3 replica(s); this run: {backend} with 2 and 2") in err, err[-6000:]
-    assert re.search(r"\[0\] disttrain elastic: re-formed 3 -> 2 worker\(s\) \(formation 2\) after the loss of worker 2 "
-                     r"on localhost \(exit code 137 \(SIGKILL\)\); resumed at global step 6; first step \(global step 7\) "
-                     r"done [0-9.]+s after the event", err), err[-6000:]
+    assert re.search(r"\[0\] disttrain elastic: re-formed 3 -> 2 worker\(s\) \(formation 2\) after the loss of "
+                     r"worker 2 on localhost \(exit code 137 \(SIGKILL\)\); resumed at global step 6; first step "
+                     r"\(global step 7\) done [0-9.]+s after the event", err), err[-6000:]
     # the new host: every worker stops after the same step, saves, and 3 workers resume there: no step lost
     assert "elastic: host discovery: 127.0.0.2 +1 slot (2 -> 3 workers): asking the 2 worker(s) to stop" in err
     assert "preempted after global step 15 (epoch 3, step 3/6)" in err
@@ -164,7 +164,8 @@ def test_hosts_added_and_lost_re_form_the_job_and_too_few_ends_it_with_75(tmp_pa
     assert code == 75, err[-4000:]
     assert "elastic: lost worker 2 on localhost (exit code 137 (SIGKILL)); its slot is out of use (slots out of " \
            "use: localhost: 1)" in err
-    assert "re-forming 3 -> 2 workers after the loss of worker 2 on localhost (exit code 137 (SIGKILL)): localhost:2" in err
+    assert "re-forming 3 -> 2 workers after the loss of worker 2 on localhost (exit code 137 (SIGKILL)): " \
+           "localhost:2" in err
     assert "re-forming 2 -> 3 workers after host discovery: 127.0.0.2 +1 slot (2 -> 3 workers): " \
            "localhost:2, 127.0.0.2:1" in err
     assert (f"elastic: fewer than --min-workers 2 usable worker slots for 2s (--elastic-timeout): the host discovery "

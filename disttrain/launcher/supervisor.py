@@ -10,8 +10,9 @@ The rules (docs/launch.md has them as a table):
   themselves. The launcher waits up to ``grace_period`` seconds for them and returns 42. No restart: the
   machines are going away; run the same command again to resume.
 * SIGTERM or SIGINT to the launcher is forwarded to every worker (SIGTERM again every 5 s, for a worker
-  that was starting up and missed it); after ``grace_period`` seconds the ones still running get SIGKILL. A second signal kills them at once. The launcher returns 42 if the
-  workers exited with 42 (the preemption checkpoint is saved).
+  that was starting up and missed it); after ``grace_period`` seconds the ones still running get SIGKILL.
+  A second signal kills them at once. The launcher returns 42 if the workers exited with 42 (the
+  preemption checkpoint is saved).
 * No worker outlives the launcher, even after ``kill -9`` of the launcher: see the guard
   (:mod:`disttrain.launcher.guard`).
 
