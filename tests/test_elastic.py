@@ -252,3 +252,25 @@ def test_a_host_change_waits_for_the_checkpointing_report(tmp_path):
 def test_elastic_options_that_do_not_fit_together_are_refused(options, message, tmp_path):
     code, out, err = finish(launch(options, [str(PROBE), "--out", str(tmp_path), "--mode", "sleep"]), timeout=30)
     assert code == 2 and message in err, err
+
+
+def test_discovery_output_membership_and_the_choice_of_slots(tmp_path):
+    from disttrain.launcher.discovery import parse_discovery_output, run_script
+    from disttrain.launcher.elastic import Membership, choose, describe_change
+    from disttrain.launcher.hosts import Host
+
+    assert parse_discovery_output("# now\nnode1:2\n\nnode2\n", script="d.sh") == [Host("node1", 2), Host("node2", 1)]
+    with pytest.raises(ValueError, match=r"host discovery script 'd.sh' printed 'node1:two': bad host 'node1:two'"):
+        parse_discovery_output("node1:two\n", script="d.sh")
+    with pytest.raises(RuntimeError, match=r"host discovery script 'echo oops >&2; exit 3' exited with 3: oops"):
+        run_script("echo oops >&2; exit 3")
+    # the current workers' hosts first (rank 0 stays), then free slots in the listed order, up to the maximum
+    usable = [Host("c", 2), Host("a", 1), Host("b", 2)]
+    assert choose(["b", "a"], usable, max_workers=3) == ["b", "a", "c"]
+    assert choose([], usable, max_workers=None) == ["c", "c", "a", "b", "b"]
+    membership = Membership()
+    membership.lose("b")
+    assert membership.usable(usable) == [Host("c", 2), Host("a", 1), Host("b", 1)]
+    assert membership.usable([Host("c", 2)]) == [Host("c", 2)]  # b left the output: forgotten
+    assert membership.usable(usable) == usable  # and back as a new machine with all its slots
+    assert describe_change(["a", "b"], ["a", "c", "c"]) == "host discovery: b -1 slot, c +2 slots (2 -> 3 workers)"
