@@ -74,7 +74,8 @@ def train(checkpointing, callbacks=()):
         return loss
 
     trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=train_step, backend=backend, verbose=0,
-                         callbacks=list(callbacks), checkpointing=checkpointing, log_every_steps=1)
+                         callbacks=list(callbacks), checkpointing=checkpointing,
+                         log_every_steps=1 if callbacks else 0)  # the reference needs no step logs
     trainer.fit(dataset, global_batch_size=GLOBAL_BATCH, epochs=EPOCHS, shuffle_seed=4)
     return model, optimizer
 
