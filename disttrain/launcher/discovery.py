@@ -3,7 +3,9 @@
 The script's contract is horovodrun's (``--host-discovery-script``): an executable (run through the shell)
 that prints the hosts available right now, one ``host:slots`` line each (``host`` alone is one slot), and
 exits 0. It is run again every ``interval`` seconds; a run that fails, times out or prints a bad line is
-reported once and the last good answer is kept.
+reported once and the last good answer is kept. A new answer counts once two runs in a row print it (the
+first answer counts at once): a host file rewritten in place and read half-way (empty, one line short)
+does not re-form the job.
 
 Nothing here imports TensorFlow or Horovod.
 """
@@ -112,6 +114,7 @@ class Discovery:
             time.sleep(0.05)
 
     def _poll(self) -> None:
+        previous = None
         while not self._stop.is_set():
             try:
                 found = run_script(self.script)
@@ -123,5 +126,7 @@ class Discovery:
             else:
                 self._last_error = None
                 with self._lock:
-                    self._hosts, self._version = found, self._version + 1
+                    if self._hosts is None or found == previous:  # the first answer, or the same one twice
+                        self._hosts, self._version = found, self._version + 1
+                previous = found
             self._stop.wait(self.interval)
