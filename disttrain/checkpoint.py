@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import numpy as np
 import tensorflow as tf
 
-from disttrain import checkpoint_files
+from disttrain import checkpoint_files, elastic_worker
 from disttrain.checkpoint_files import CheckpointError
 from disttrain.preemption import DEFAULT_SIGNALS, PREEMPTION_EXIT_CODE, Preempted, SignalWatcher
 from disttrain.totals import Carry, EpochTotals
@@ -170,6 +170,8 @@ class CheckpointSession:
         self._last_saved: tuple[int, int, int] | None = None  # (global step, epoch, epoch step)
         self._last_save_time = time.monotonic()
         self.restored = False
+        self.elastic = elastic_worker.from_env(is_chief=backend.is_chief, directory=config.directory,
+                                               every_steps=config.every_steps)  # None unless launched elastic
 
     # -- every step ----------------------------------------------------------------------------
     def control(self) -> tf.Tensor:
@@ -188,6 +190,9 @@ class CheckpointSession:
         """
         stop, due = (int(v) for v in np.asarray(control))
         step = self.trainer.global_step
+        if self.elastic is not None:
+            self.elastic.after_step(step=step, resumed_step=self._last_saved[0] if self.restored else None,
+                                    size=self.backend.size)
         every = self.config.every_steps
         if stop or due or (every and step % every == 0):
             path = self.save(carry=totals.carry())

@@ -86,16 +86,21 @@ def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         if not os.path.isfile(command[0]):
             parser.error(f"script {command[0]!r} does not exist (looked in {os.getcwd()})")
         command = [sys.executable] + command
+    elastic = args.min_workers is not None or args.max_workers is not None or args.host_discovery_script
     try:
         hosts = (parse_hosts(args.hosts) if args.hosts else read_hostfile(args.hostfile) if args.hostfile
-                 else [Host("localhost", args.num_workers or 2)])
+                 else None if args.host_discovery_script
+                 else [Host("localhost", (args.max_workers or 2) if elastic else (args.num_workers or 2))])
     except (ValueError, OSError) as err:
         parser.error(str(err))
-    num_workers = args.num_workers or sum(h.slots for h in hosts)
+    num_workers = args.num_workers if elastic else args.num_workers or sum(h.slots for h in hosts)
     try:
         return launch(command, backend=args.backend, hosts=hosts, num_workers=num_workers,
                       max_restarts=args.max_restarts, grace_period=args.grace_period, stop_timeout=args.stop_timeout,
-                      timeout=args.timeout, startup_timeout=args.startup_timeout, ssh=args.ssh)
+                      timeout=args.timeout, startup_timeout=args.startup_timeout, ssh=args.ssh,
+                      min_workers=args.min_workers, max_workers=args.max_workers,
+                      discovery_script=args.host_discovery_script, discovery_interval=args.discovery_interval,
+                      elastic_timeout=args.elastic_timeout)
     except (ValueError, ImportError, RuntimeError) as err:
         print(f"disttrain launch: {err}", file=sys.stderr)
         return 2
@@ -168,6 +173,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "(sets DISTTRAIN_STARTUP_TIMEOUT; default 300)")
     p.add_argument("--timeout", type=_positive(float), default=None, metavar="S",
                    help="stop every worker after S seconds in all and exit with 124 (default: no limit)")
+    elastic = p.add_argument_group("elastic jobs (workers leave and join; see docs/elastic.md)")
+    elastic.add_argument("--min-workers", type=_positive(int), default=None, metavar="M",
+                         help="elastic: run with at least M workers (default 1 when elastic)")
+    elastic.add_argument("--max-workers", type=_positive(int), default=None, metavar="N",
+                         help="elastic: run with at most N workers (default: every usable slot)")
+    elastic.add_argument("--host-discovery-script", metavar="COMMAND", default=None,
+                         help="elastic: a command printing the available hosts as host:slots lines (as horovodrun's), "
+                              "run every --discovery-interval seconds; instead of -H/--hostfile")
+    elastic.add_argument("--discovery-interval", type=_positive(float), default=2.0, metavar="S",
+                         help="seconds between two runs of the discovery script (default 2)")
+    elastic.add_argument("--elastic-timeout", type=_positive(float), default=300.0, metavar="S",
+                         help="end the job (exit 75) after S seconds with fewer than --min-workers usable slots "
+                              "(default 300)")
     p.add_argument("--ssh", default=DEFAULT_SSH, metavar="COMMAND",
                    help=f"remote shell for other hosts (default: {DEFAULT_SSH!r})")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="script.py [args ...]",

@@ -13,6 +13,9 @@ Tags (one run directory, one event file, written by the chief process only):
   * ``weights/<variable path>`` and ``gradients/<variable path>`` histograms every
     ``histogram_every_steps`` steps (gradients: the global gradient the optimizer applied);
   * ``config``: the run configuration as a Markdown table (text summary, step 0);
+  * ``run/world_size``: the number of processes, at the global step each start (or resume) of ``fit``
+    begins with: an elastic job (``disttrain launch --min-workers/--max-workers``) draws its world size
+    over the steps, one point per formation;
   * with ``profile_steps=(first, last)``: a TensorFlow profiler trace of those global train steps under
     ``<logdir>/plugins/profile/`` (TensorBoard's Profile tab, from ``tensorboard-plugin-profile``).
 
@@ -150,6 +153,7 @@ class TensorBoard(Callback):
             self._writer = tf.summary.create_file_writer(self.logdir)
         with self._writer.as_default():
             tf.summary.text("config", config_markdown({**trainer.run_config(), **self.config}), step=0)
+        self._write(trainer.global_step, [scalar_value("run/world_size", trainer.backend.size)])
         self._writer.flush()
         if self.announce and trainer.verbose:
             trainer._print(f"TensorBoard logs in {self.logdir}: {self.command}")

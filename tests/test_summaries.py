@@ -118,6 +118,7 @@ def test_tensorboard_jsonl_and_progress_hold_the_reported_values(backend, tmp_pa
     assert kernel[:, 2].sum() == 12  # bucket counts: every element of the 3x4 kernel
     config = tensors["config"][0].item().decode()
     assert "| lr_policy | none |" in config and "| global_batch_size | 16 |" in config
+    assert {k: float(v) for k, v in tensors["run/world_size"].items()} == {0: 1.0}  # processes, at the first step
 
     lines = [json.loads(line) for line in (tmp_path / "log" / "m.jsonl").read_text().splitlines()]
     assert [line["event"] for line in lines] == ["config", "step", "step", "epoch", "step", "step", "step", "epoch"]

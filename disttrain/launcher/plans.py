@@ -66,34 +66,46 @@ class Plan:
     close: Callable[[], None] = lambda: None
 
 
+class HostUnreachable(RuntimeError):
+    """No worker can be started on ``host`` (ssh failed or gave no answer)."""
+
+    def __init__(self, message: str, *, host: str):
+        super().__init__(message)
+        self.host = host
+
+
 def remote_free_ports(host: str, count: int, *, ssh: Sequence[str], timeout: float = 60) -> list[int]:
     """Asks ``host`` (through ssh) for ``count`` free TCP ports.
 
     Raises:
-      RuntimeError: If ssh fails or the answer is not a list of ports (quoting the command and its output).
+      HostUnreachable: If ssh fails or the answer is not a list of ports (quoting the command and its output).
     """
     argv = [*ssh, host, shlex.join([sys.executable, "-m", "disttrain.launcher.guard", "--free-ports", str(count)])]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise RuntimeError(f"no answer from {host} within {timeout:.0f}s: {shlex.join(argv)}; check that "
-                           f"`{shlex.join(ssh)} {host} true` works without a password") from None
+        raise HostUnreachable(f"no answer from {host} within {timeout:.0f}s: {shlex.join(argv)}; check that "
+                              f"`{shlex.join(ssh)} {host} true` works without a password", host=host) from None
     words = proc.stdout.split()
     if proc.returncode != 0 or len(words) != count or not all(w.isdigit() for w in words):
-        raise RuntimeError(f"cannot start processes on {host}: `{shlex.join(argv)}` exited with {proc.returncode}: "
-                           f"{(proc.stderr or proc.stdout).strip()[-500:]}; check passwordless ssh and that "
-                           f"{sys.executable} exists there with disttrain installed")
+        raise HostUnreachable(f"cannot start processes on {host}: `{shlex.join(argv)}` exited with "
+                              f"{proc.returncode}: {(proc.stderr or proc.stdout).strip()[-500:]}; check passwordless "
+                              f"ssh and that {sys.executable} exists there with disttrain installed", host=host)
     return [int(w) for w in words]
 
 
 def multiworker_plan(command: list[str], slots: Sequence[Slot], *, ssh: Sequence[str]) -> Plan:
-    """Workers with TF_CONFIG (MultiWorkerMirroredStrategy); ports are free ports of each host."""
+    """Workers with TF_CONFIG (MultiWorkerMirroredStrategy); ports are free ports of each host.
+
+    The ports of all hosts that are this machine (``localhost``, ``127.0.0.2``, ...) are taken together:
+    the workers listen on every interface, so two of them must not share a port.
+    """
     ports: dict[int, int] = {}
     by_host: dict[str, list[Slot]] = {}
     for slot in slots:
-        by_host.setdefault(slot.host, []).append(slot)
+        by_host.setdefault(slot.host if not is_local(slot.host) else "", []).append(slot)
     for host, host_slots in by_host.items():
-        found = free_ports(len(host_slots)) if is_local(host) else remote_free_ports(host, len(host_slots), ssh=ssh)
+        found = free_ports(len(host_slots)) if not host else remote_free_ports(host, len(host_slots), ssh=ssh)
         ports.update({slot.rank: port for slot, port in zip(host_slots, found)})
     cluster = {"worker": [f"{slot.host}:{ports[slot.rank]}" for slot in slots]}
     workers = [WorkerSpec(rank=slot.rank, host=slot.host, command=list(command), local=is_local(slot.host),
@@ -103,21 +115,33 @@ def multiworker_plan(command: list[str], slots: Sequence[Slot], *, ssh: Sequence
     return Plan(workers)
 
 
+def require_horovod() -> None:
+    """Checks that Horovod's launcher parts import.
+
+    Raises:
+      ImportError: If Horovod is not installed (naming the command that installs it).
+    """
+    try:
+        import horovod.runner.gloo_run  # noqa: F401
+        import horovod.runner.http.http_server  # noqa: F401
+    except ImportError as err:
+        from disttrain.install import INSTALL_HINT
+
+        raise ImportError(f"--backend horovod needs Horovod, which is not installed here ({err}); {INSTALL_HINT}"
+                          ) from err
+
+
 def horovod_plan(command: list[str], slots: Sequence[Slot]) -> Plan:
     """Horovod ranks with the Gloo controller and Horovod's own rendezvous server (as horovodrun runs them).
 
     Raises:
       ImportError: If Horovod is not installed (naming the command that installs it).
     """
-    try:
-        from horovod.runner.common.util.hosts import SlotInfo
-        from horovod.runner.gloo_run import create_run_env_vars, create_slot_env_vars
-        from horovod.runner.http.http_server import RendezvousServer
-    except ImportError as err:
-        from disttrain.install import INSTALL_HINT
+    require_horovod()
+    from horovod.runner.common.util.hosts import SlotInfo
+    from horovod.runner.gloo_run import create_run_env_vars, create_slot_env_vars
+    from horovod.runner.http.http_server import RendezvousServer
 
-        raise ImportError(f"--backend horovod needs Horovod, which is not installed here ({err}); {INSTALL_HINT}"
-                          ) from err
     infos = [SlotInfo(hostname=s.host, rank=s.rank, local_rank=s.local_rank, cross_rank=s.cross_rank, size=s.size,
                       local_size=s.local_size, cross_size=s.cross_size) for s in slots]
     all_local = all(is_local(s.host) for s in slots)

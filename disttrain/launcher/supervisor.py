@@ -9,22 +9,28 @@ The rules (docs/launch.md has them as a table):
 * A worker that exits with 42 was preempted and saved a checkpoint; the others stop at the same step by
   themselves. The launcher waits up to ``grace_period`` seconds for them and returns 42. No restart: the
   machines are going away; run the same command again to resume.
-* SIGTERM or SIGINT to the launcher is forwarded to every worker; after ``grace_period`` seconds the
-  ones still running get SIGKILL. A second signal kills them at once. The launcher returns 42 if the
-  workers exited with 42 (the preemption checkpoint is saved).
+* SIGTERM or SIGINT to the launcher is forwarded to every worker (SIGTERM again every 5 s, for a worker
+  that was starting up and missed it); after ``grace_period`` seconds the ones still running get SIGKILL.
+  A second signal kills them at once. The launcher returns 42 if the workers exited with 42 (the
+  preemption checkpoint is saved).
 * No worker outlives the launcher, even after ``kill -9`` of the launcher: see the guard
   (:mod:`disttrain.launcher.guard`).
+
+An elastic launch (:mod:`disttrain.launcher.elastic`) calls :meth:`Supervisor.run_once` for each
+formation, with a ``poll`` that asks for a stop when the hosts change and ``kill_on_failure``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from disttrain.launcher.plans import Plan, WorkerSpec
 
@@ -32,6 +38,10 @@ from disttrain.launcher.plans import Plan, WorkerSpec
 PREEMPTED = 42
 #: Exit code when the launcher's --timeout expires (as coreutils' timeout).
 TIMED_OUT = 124
+#: Seconds between repeated SIGTERMs of a stop (a forwarded SIGTERM, or one ``poll`` asked for): a worker
+#: still starting up, whose TensorFlow held the signal (MultiWorker's coordination service takes SIGTERM
+#: over while it connects), gets it again; disttrain's handler ignores a repeat while it saves.
+STOP_RESEND_SECONDS = 5.0
 
 
 def describe_code(code: int) -> str:
@@ -73,6 +83,27 @@ class _Worker:
             pass
 
 
+@dataclasses.dataclass
+class Outcome:
+    """How one start of all workers ended.
+
+    Attributes:
+      mode: ``done`` (every worker exited 0 or 42 by itself), ``failed`` (one failed: ``failure``),
+        ``preempted`` (one exited 42 first), ``signalled`` (the launcher got a signal), ``timeout``
+        (``--timeout``) or ``stopped`` (the ``poll`` of :meth:`Supervisor.run_once` asked for a stop).
+      code: The launcher's exit code for this outcome.
+      failure: The worker that failed first, for ``failed``.
+      workers: Every worker of the start.
+      since: ``time.time()`` when the stop began (the failure, signal or poll was noticed); None for ``done``.
+    """
+
+    mode: str
+    code: int
+    failure: "_Worker | None" = None
+    workers: list = dataclasses.field(default_factory=list)
+    since: float | None = None
+
+
 class Supervisor:
     """Runs plans of workers under the rules in this module's docstring.
 
@@ -93,36 +124,50 @@ class Supervisor:
         self.out, self.err = out or sys.stdout, err or sys.stderr
         self._signals: list[int] = []
         self._write_lock = threading.Lock()
+        #: Called with ``(rank, line)`` for every line a worker writes (e.g. to read its reports).
+        self.on_line: Callable[[int, str], None] | None = None
+
+    @property
+    def signalled(self) -> bool:
+        """True once the launcher received SIGTERM, SIGINT or SIGHUP."""
+        return bool(self._signals)
 
     def log(self, message: str) -> None:
         with self._write_lock:
             self.err.write(f"disttrain launch: {message}\n")
             self.err.flush()
 
-    def run(self, make_plan: Callable[[], Plan], *, max_restarts: int = 0) -> int:
-        """Runs the workers of ``make_plan()`` (made again for each restart); returns the launcher's exit code."""
+    @contextlib.contextmanager
+    def catching_signals(self) -> Iterator[None]:
+        """While active, SIGTERM/SIGINT/SIGHUP to the launcher are recorded (and acted on by :meth:`run_once`)."""
         handlers = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 handlers[sig] = signal.signal(sig, lambda signum, frame: self._signals.append(signum))
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         try:
+            yield
+        finally:
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
+
+    def run(self, make_plan: Callable[[], Plan], *, max_restarts: int = 0) -> int:
+        """Runs the workers of ``make_plan()`` (made again for each restart); returns the launcher's exit code."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        with self.catching_signals():
             for attempt in range(max_restarts + 1):
                 plan = make_plan()
                 try:
-                    failed, code = self._run_once(plan, deadline)
+                    outcome = self.run_once(plan, deadline)
                 finally:
                     plan.close()
+                failed, code = outcome.mode == "failed", outcome.code
                 if not failed or self._signals or attempt == max_restarts:
                     if failed and max_restarts:
                         self.log(f"giving up after {attempt} restart(s) (--max-restarts {max_restarts})")
                     return code
                 self.log(f"restarting all {len(plan.workers)} workers (restart {attempt + 1} of {max_restarts}); "
                          "they resume from their last checkpoint")
-            raise AssertionError("unreachable")
-        finally:
-            for sig, handler in handlers.items():
-                signal.signal(sig, handler)
+        raise AssertionError("unreachable")
 
     # -- one start of all workers ---------------------------------------------------------------
     def _start(self, spec: WorkerSpec) -> _Worker:
@@ -138,17 +183,34 @@ class Supervisor:
         return _Worker(spec, proc, pumps)
 
     def _pump(self, stream, prefix: str, target) -> None:
-        for line in iter(stream.readline, b""):
+        rank = int(prefix.strip()[1:-1])
+        for raw in iter(stream.readline, b""):
+            line = raw.decode(errors="replace")
             with self._write_lock:
-                target.write(prefix + line.decode(errors="replace"))
+                target.write(prefix + line)
                 target.flush()
+            if self.on_line is not None:
+                self.on_line(rank, line)
 
-    def _run_once(self, plan: Plan, deadline: float | None) -> tuple[bool, int]:
-        """Returns ``(failed, exit_code)``; ``failed`` means a worker failed (a restart may help)."""
+    def run_once(self, plan: Plan, deadline: float | None, *, poll: Callable[[], str | None] | None = None,
+                 kill_on_failure: bool = False) -> Outcome:
+        """Starts every worker of ``plan`` and watches them until all have exited.
+
+        Args:
+          plan: The workers.
+          deadline: ``time.monotonic()`` value of ``--timeout``, or None.
+          poll: Called about every 50 ms while all workers run; a string it returns (the reason) stops
+            them as a preemption does: SIGTERM to each (they save at the same step and exit 42), SIGKILL
+            ``grace_period`` seconds later. The outcome is then ``stopped``.
+          kill_on_failure: After a worker failed, kill the others at once instead of SIGTERM first (their
+            collectives wait for the lost one: they can neither finish a step nor save).
+        """
         workers = [self._start(spec) for spec in plan.workers]
-        mode, kill_at, failure, stop_since = "running", None, None, 0.0
+        mode, kill_at, failure, stop_since, killed = "running", None, None, 0.0, False
+        resend_at, resend = STOP_RESEND_SECONDS, True
         handled_signals = 0
         order: list[_Worker] = []  # in the order they exited
+        stop_codes = (0, PREEMPTED, 128 + signal.SIGTERM)  # what a worker asked to stop may exit with
         try:
             while True:
                 now = time.monotonic()
@@ -160,20 +222,29 @@ class Supervisor:
                             mode, kill_at, stop_since = "preempted", now + self.grace_period, now
                             self.log(f"{w.name} exited with code {describe_code(w.code)}; waiting up to "
                                      f"{self.grace_period:g}s for the others to save and exit")
-                        elif mode == "running" and w.code != 0:
-                            mode, kill_at, failure, stop_since = "failed", now + self.stop_timeout, w, now
-                            self.log(f"{w.name} failed with exit code {describe_code(w.code)}; stopping the "
-                                     "other workers")
-                            self._send_alive(workers, "TERM")
+                        elif (mode == "running" and w.code != 0) or (mode == "stopped" and w.code not in stop_codes
+                                                                    and not killed):
+                            mode, failure, stop_since = "failed", w, now
+                            if kill_on_failure:
+                                self.log(f"{w.name} failed with exit code {describe_code(w.code)}; killing the "
+                                         "other workers (their collectives wait for it)")
+                                kill_at = now
+                            else:
+                                kill_at = now + self.stop_timeout
+                                self.log(f"{w.name} failed with exit code {describe_code(w.code)}; stopping the "
+                                         "other workers")
+                                self._send_alive(workers, "TERM")
                 alive = [w for w in workers if w.code is None]
                 if not alive:
                     break
                 if len(self._signals) > handled_signals:
                     handled_signals = len(self._signals)
                     name = signal.Signals(self._signals[-1]).name
-                    if handled_signals == 1 and mode in ("running", "preempted"):
+                    if handled_signals == 1 and mode in ("running", "preempted", "stopped"):
                         mode, kill_at, stop_since = "signalled", now + self.grace_period, now
                         request = "INT" if self._signals[-1] == signal.SIGINT else "TERM"
+                        resend = request == "TERM"  # a second SIGINT interrupts disttrain's save: never repeated
+                        resend_at = STOP_RESEND_SECONDS
                         self.log(f"{name} received: forwarded SIG{request} to {len(alive)} worker(s); SIGKILL "
                                  f"in {self.grace_period:g}s if they have not exited (--grace-period)")
                         self._send_alive(workers, request)
@@ -186,11 +257,23 @@ class Supervisor:
                     mode, kill_at, stop_since = "timeout", now + self.stop_timeout, now
                     self.log(f"timeout after {self.timeout:g}s (--timeout); stopping the workers")
                     self._send_alive(workers, "TERM")
+                if mode == "running" and poll is not None:
+                    reason = poll()
+                    if reason:
+                        mode, kill_at, stop_since = "stopped", now + self.grace_period, now
+                        self.log(f"{reason}: asking the {len(alive)} worker(s) to stop after the same step and "
+                                 f"save (SIGTERM; SIGKILL in {self.grace_period:g}s)")
+                        self._send_alive(workers, "TERM")
+                if mode in ("stopped", "signalled") and resend and now - stop_since >= resend_at:
+                    resend_at += STOP_RESEND_SECONDS  # a worker still starting up may have missed the first one
+                    self._send_alive(workers, "TERM")
                 if kill_at is not None and now >= kill_at:
                     for w in alive:
-                        self.log(f"{w.name} has not exited {now - stop_since:.0f}s after the stop request; SIGKILL")
+                        if now > stop_since:
+                            self.log(f"{w.name} has not exited {now - stop_since:.0f}s after the stop request; "
+                                     "SIGKILL")
                         w.send("KILL")
-                    kill_at = None
+                    kill_at, killed = None, True
                     threading.Thread(target=self._reap, args=(alive,), daemon=True).start()
                 time.sleep(0.05)
         finally:
@@ -202,20 +285,26 @@ class Supervisor:
                     pump.join(timeout=5)
                 if w.proc.stdin:
                     w.close()
+        outcome = self._outcome(mode, workers, order, failure)
+        if stop_since:
+            outcome.since = time.time() - (time.monotonic() - stop_since)
+        return outcome
+
+    def _outcome(self, mode: str, workers: list[_Worker], order: list[_Worker], failure: _Worker | None) -> Outcome:
         codes = [w.code for w in workers]
-        if mode == "timeout":
-            return False, TIMED_OUT
+        if mode in ("timeout", "stopped"):
+            return Outcome(mode, TIMED_OUT if mode == "timeout" else 0, None, workers)
         if mode == "failed":
             if len(workers) > 1:
                 self.log("exit codes: " + ", ".join(f"worker {w.spec.rank}: {describe_code(w.code)}" for w in workers))
-            return True, failure.code
+            return Outcome(mode, failure.code, failure, workers)
         if all(c == 0 for c in codes):
-            return False, 0
+            return Outcome("done" if mode == "running" else mode, 0, None, workers)
         if all(c in (0, PREEMPTED) for c in codes):
-            return False, PREEMPTED
+            return Outcome("done" if mode == "running" else mode, PREEMPTED, None, workers)
         first = next(w for w in order if w.code not in (0, PREEMPTED))
         self.log("exit codes: " + ", ".join(f"worker {w.spec.rank}: {describe_code(w.code)}" for w in workers))
-        return False, first.code
+        return Outcome(mode, first.code, None, workers)
 
     def _send_alive(self, workers: list[_Worker], request: str) -> None:
         for w in workers:

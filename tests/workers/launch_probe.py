@@ -1,12 +1,15 @@
 """A worker for launcher tests that needs no TensorFlow: it records itself, then behaves as told.
 
-    launch_probe.py --out DIR --mode MODE [--rank-fails R] [--code C] [--save-seconds S]
+    launch_probe.py --out DIR --mode MODE [--rank-fails R] [--code C] [--save-seconds S] [--report]
+                    [--miss-first-term]
 
 Its rank comes from TF_CONFIG (multiworker), HOROVOD_RANK (horovod) or OMPI_COMM_WORLD_RANK (mpirun). It writes DIR/pid<rank> (its
-pid) and DIR/env<rank>.json (its launcher variables), then:
+pid) and DIR/env<rank>.<attempt>.json (its launcher variables; attempt counts the earlier ones of that rank),
+with --report prints the line an elastic launcher waits for (as a checkpointing disttrain chief), then:
   sleep      sleeps until signalled; SIGTERM/SIGINT: writes DIR/signal<rank> (signal name and time),
              sleeps --save-seconds (a checkpoint save), writes DIR/saved<rank>, exits 42 (as a preempted
-             disttrain worker does)
+             disttrain worker does); with --miss-first-term its first attempt drops the first SIGTERM
+             (as a MultiWorker worker whose coordination service holds SIGTERM while it starts up)
   fail       rank --rank-fails exits with --code after 1 s; the others sleep, IGNORING SIGTERM (a peer
              stuck in a collective), so only SIGKILL ends them
   fail-once  rank --rank-fails exits with --code if DIR/failed-once does not exist yet (and creates
@@ -26,6 +29,8 @@ parser.add_argument("--mode", choices=("sleep", "fail", "fail-once"), required=T
 parser.add_argument("--rank-fails", type=int, default=1)
 parser.add_argument("--code", type=int, default=3)
 parser.add_argument("--save-seconds", type=float, default=1.0)
+parser.add_argument("--report", action="store_true")
+parser.add_argument("--miss-first-term", action="store_true")
 args = parser.parse_args()
 
 if os.environ.get("TF_CONFIG"):
@@ -40,9 +45,17 @@ with open(os.path.join(args.out, f"env{rank}.{attempt}.json"), "w") as f:
 with open(os.path.join(args.out, f"pid{rank}"), "w") as f:
     f.write(str(os.getpid()))
 print(f"probe rank {rank} attempt {attempt} ready", flush=True)
+if args.report and rank == 0:
+    print(f"disttrain elastic: checkpointing to {args.out} (every_steps=1)", file=sys.stderr, flush=True)
 
 
 def preempted(signum, frame):
+    global miss
+    if miss and signum == signal.SIGTERM:
+        miss = False
+        with open(os.path.join(args.out, f"missed{rank}"), "w") as f:
+            f.write(str(time.time()))
+        return
     with open(os.path.join(args.out, f"signal{rank}"), "w") as f:
         f.write(f"{signal.Signals(signum).name} {time.time()}")
     print(f"probe rank {rank}: {signal.Signals(signum).name}, saving", flush=True)
@@ -51,6 +64,7 @@ def preempted(signum, frame):
     sys.exit(42)
 
 
+miss = args.miss_first_term and attempt == 0
 if args.mode == "sleep":
     signal.signal(signal.SIGTERM, preempted)
     signal.signal(signal.SIGINT, preempted)
