@@ -1,4 +1,4 @@
-"""The ``disttrain`` command: ``info``, ``launch``, ``install-horovod`` and ``slurm``.
+"""The ``disttrain`` command: ``info``, ``launch``, ``run``, ``install-horovod`` and ``slurm``.
 
 Nothing heavy is imported before a subcommand needs it: ``disttrain --help`` answers without loading
 TensorFlow.
@@ -101,6 +101,21 @@ def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 2
 
 
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from disttrain.launcher.outcome import run
+
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        parser.error("the launcher is missing: disttrain run [--status-dir DIR] -- mpirun -np 2 python train.py")
+    try:
+        return run(command, status_dir=args.status_dir)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"disttrain run: {err}", file=sys.stderr)
+        return 127 if isinstance(err, FileNotFoundError) else 2
+
+
 def _install_horovod(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from disttrain.install import install_horovod
 
@@ -173,6 +188,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="script.py [args ...]",
                    help="the training script (run with this Python) or any command, and its arguments")
     p.set_defaults(run=_launch, subparser=p)
+
+    p = sub.add_parser("run", help="run horovodrun, mpirun or srun and exit 42 when every rank was preempted",
+                       description="Run a launcher (horovodrun, mpirun, srun, ...) and exit with a code a scheduler "
+                                   "can use: 42 when every rank was preempted and saved its checkpoint, else the "
+                                   "code of the first rank that failed, else the launcher's own. Each disttrain "
+                                   "process records its exit status in a directory given to it in "
+                                   "DISTTRAIN_STATUS_DIR. Prints one line saying which. See docs/launch.md.")
+    p.add_argument("--status-dir", metavar="DIR", default=None,
+                   help="where the ranks write their status; must be on a filesystem every host shares when "
+                        "ranks run on other hosts (default: a new temporary directory here)")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- LAUNCHER [args ...]",
+                   help="the launcher command, e.g. -- mpirun -np 2 python train.py")
+    p.set_defaults(run=_run, subparser=p)
 
     p = sub.add_parser("install-horovod", help="build and install Horovod for this Python (cached)",
                        description="Build Horovod 0.28.1 from source for this Python and TensorFlow (patched for "

@@ -40,6 +40,8 @@ from typing import Any, Callable, Iterator
 
 import tensorflow as tf
 
+from disttrain import exit_status
+
 #: Exit status of a process the watchdog aborted (as coreutils ``timeout``).
 STALL_EXIT_CODE = 124
 
@@ -285,6 +287,7 @@ class Watchdog:
             # Peers time out at about the same moment: give their watchdogs time to speak before a
             # launcher that sees this exit kills them.
             time.sleep(min(3.0, self.timeout))
+            exit_status.record(code=STALL_EXIT_CODE, reason=self.describe(stack))  # for `disttrain run`
             self._exit(STALL_EXIT_CODE)
 
 
