@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 
+from disttrain import startup_logs
 from disttrain.launcher import DEFAULT_SSH
 
 
@@ -92,6 +93,8 @@ def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except (ValueError, OSError) as err:
         parser.error(str(err))
     num_workers = args.num_workers or sum(h.slots for h in hosts)
+    if args.verbose:
+        startup_logs.make_verbose()
     try:
         return launch(command, backend=args.backend, hosts=hosts, num_workers=num_workers,
                       max_restarts=args.max_restarts, grace_period=args.grace_period, stop_timeout=args.stop_timeout,
@@ -109,6 +112,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         command = command[1:]
     if not command:
         parser.error("the launcher is missing: disttrain run [--status-dir DIR] -- mpirun -np 2 python train.py")
+    if args.verbose:
+        startup_logs.make_verbose()
     try:
         return run(command, status_dir=args.status_dir)
     except (ValueError, FileNotFoundError) as err:
@@ -183,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(sets DISTTRAIN_STARTUP_TIMEOUT; default 300)")
     p.add_argument("--timeout", type=_positive(float), default=None, metavar="S",
                    help="stop every worker after S seconds in all and exit with 124 (default: no limit)")
+    p.add_argument("--verbose", action="store_true",
+                   help="keep TensorFlow's start-up notices and C++ INFO/WARNING lines (sets DISTTRAIN_VERBOSE=1 "
+                        "for the workers)")
     p.add_argument("--ssh", default=DEFAULT_SSH, metavar="COMMAND",
                    help=f"remote shell for other hosts (default: {DEFAULT_SSH!r})")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="script.py [args ...]",
@@ -198,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status-dir", metavar="DIR", default=None,
                    help="where the ranks write their status; must be on a filesystem every host shares when "
                         "ranks run on other hosts (default: a new temporary directory here)")
+    p.add_argument("--verbose", action="store_true",
+                   help="keep TensorFlow's start-up notices and C++ INFO/WARNING lines (sets DISTTRAIN_VERBOSE=1 "
+                        "for the workers)")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- LAUNCHER [args ...]",
                    help="the launcher command, e.g. -- mpirun -np 2 python train.py")
     p.set_defaults(run=_run, subparser=p)

@@ -14,7 +14,7 @@ import tensorflow as tf
 from disttrain import data as data_lib
 from disttrain import data_checks
 from disttrain import drift as drift_lib
-from disttrain import epoch_agreement, exit_status
+from disttrain import epoch_agreement
 from disttrain import metrics as metrics_lib
 from disttrain import nonfinite
 from disttrain import step_calls, step_functions, step_logs
@@ -404,8 +404,7 @@ class Trainer:
                         break
                 if session is not None:
                     session.save_at_end()
-            except Preempted as preempted:
-                exit_status.record(code=preempted.code, reason=str(preempted))  # saved: for `disttrain run`
+            except Preempted:
                 self._dispatch("on_train_end", logs)  # summaries and logs are flushed
                 if session.config.exit_on_preemption:
                     exit_now()

@@ -25,8 +25,10 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 from typing import Sequence
 
+from disttrain import startup_logs
 from disttrain.exit_status import STATUS_DIR_ENV, read_all
 
 #: A rank's exit code after a preemption with its checkpoint saved (disttrain.PREEMPTION_EXIT_CODE).
@@ -105,6 +107,7 @@ def run(command: Sequence[str], *, status_dir: str | None = None, err=None) -> i
     env = dict(os.environ, **{STATUS_DIR_ENV: directory})
     interactive = _in_foreground()
     started: list[subprocess.Popen] = []
+    copier = None
     pending: list[int] = []  # signals that came before the launcher existed
 
     def forward(signum, frame) -> None:
@@ -120,13 +123,16 @@ def run(command: Sequence[str], *, status_dir: str | None = None, err=None) -> i
 
     handlers = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)}
     try:
-        started.append(subprocess.Popen(_with_exports(command), env=env))
+        proc, copier = _start(_with_exports(command), env=env)
+        started.append(proc)
         for signum in pending:
             started[0].send_signal(signum)
         returncode = started[0].wait()
     finally:
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+    if copier is not None:
+        copier.join(timeout=5)  # the launcher's last lines come before ours (a rank left running may hold the pipe)
     launcher_code = returncode if returncode >= 0 else 128 - returncode
     code, message = decide(read_all(directory), launcher=os.path.basename(command[0]), launcher_code=launcher_code)
     err.write(f"disttrain run: {message}\n")
@@ -134,6 +140,26 @@ def run(command: Sequence[str], *, status_dir: str | None = None, err=None) -> i
     if made:
         shutil.rmtree(directory, ignore_errors=True)
     return code
+
+
+def _start(command: list[str], *, env: dict) -> tuple[subprocess.Popen, threading.Thread | None]:
+    """Starts the launcher; its stderr goes through :func:`disttrain.startup_logs.copy_without_notices`
+    (horovodrun imports TensorFlow itself), unless DISTTRAIN_VERBOSE is set. Returns it and the copying
+    thread."""
+    if startup_logs.verbose(env):
+        return subprocess.Popen(command, env=env), None
+    read_end, write_end = os.pipe()
+    try:
+        proc = subprocess.Popen(command, env=env, stderr=write_end)
+    except BaseException:
+        os.close(read_end)
+        raise
+    finally:
+        os.close(write_end)
+    copier = threading.Thread(target=startup_logs.copy_without_notices, args=(read_end, os.dup(2)), daemon=True,
+                              name="disttrain-run-stderr")
+    copier.start()
+    return proc, copier
 
 
 def _in_foreground() -> bool:
