@@ -104,7 +104,11 @@ def run(backend: str, script: Path | str, args: list[str] = (), *, np: int = 2, 
     """Runs and returns the finished process; raises AssertionError on a timeout or an exit status other
     than ``returncode`` (None accepts any)."""
     cmd, env = command_for(backend, script, list(args), np=np, auto=auto, cpu_replicas=cpu_replicas)
-    env.update(extra_env or {})
+    for key, value in (extra_env or {}).items():  # None: unset
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
