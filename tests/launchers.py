@@ -19,6 +19,19 @@ BIN = Path(sys.executable).parent
 BACKENDS = ["single", "mirrored", "multiworker", "horovod-gloo", "horovod-mpi"]
 
 
+#: What base_env() sets that a user's environment does not: a run without them shows whether disttrain
+#: keeps TensorFlow's start-up notices out of the output (disttrain/startup_logs.py).
+TEST_ONLY_ENV = ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")
+
+
+def startup_notices(output: str) -> list[str]:
+    """The lines of ``output`` that are TensorFlow's start-up notices (absl, oneDNN, CPU features)."""
+    from disttrain.startup_logs import NOTICES
+
+    return [line for line in output.splitlines()
+            if any(n.decode() in line for n in NOTICES) or "cpu_feature_guard" in line]
+
+
 def base_env() -> dict:
     env = dict(os.environ)
     env.update(TF_CPP_MIN_LOG_LEVEL="2", DISTTRAIN_THREADS="1", OMP_NUM_THREADS="1",

@@ -7,19 +7,9 @@ import signal
 import subprocess
 import time
 
-from launchers import BIN, WORKERS, _kill_tree, command_for, run
-
-from disttrain.startup_logs import NOTICES
+from launchers import BIN, TEST_ONLY_ENV, WORKERS, _kill_tree, command_for, run, startup_notices
 
 BIG = WORKERS / "big_checkpoints.py"
-#: What the tests' environment sets that a user's does not (tests/launchers.py): without them, a run's
-#: output shows whether disttrain keeps TensorFlow's start-up notices out of it.
-TEST_ONLY_ENV = ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")
-
-
-def _startup_notices(output: str) -> list[str]:
-    return [line for line in output.splitlines() if any(n.decode() in line for n in NOTICES)
-            or "cpu_feature_guard" in line]
 
 
 def _latest(directory) -> int:
@@ -51,7 +41,7 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
             _kill_tree(proc.pid)
         _, first_stderr = proc.communicate()
     assert killed_during, "no save was seen in progress; the run ended or timed out first"
-    assert not _startup_notices(first_stderr.decode()), first_stderr.decode()[-3000:]
+    assert not startup_notices(first_stderr.decode()), first_stderr.decode()[-3000:]
     assert proc.returncode == -signal.SIGKILL
     unfinished = int(re.search(r"ckpt-(\d+)_temp", killed_during).group(1))
     latest = _latest(ckpt)
@@ -133,4 +123,4 @@ def test_sigterm_to_the_launcher_stops_every_worker_with_a_checkpoint(tmp_path):
         assert (wrapper.group(1), wrapper.group(2)) == (saved.group(1), saved.group(2)), output[-3000:]
         assert seconds < 20 + MPI_GRACE, f"{backend}: {seconds:.1f}s from SIGTERM to the launcher's exit"
         assert saved.group(2) == f"{out / 'ckpt'}/ckpt-{_latest(out / 'ckpt')}"
-        assert not _startup_notices(output), output[-3000:]
+        assert not startup_notices(output), output[-3000:]
