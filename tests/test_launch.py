@@ -244,8 +244,8 @@ def test_disttrain_run_under_mpirun_returns_the_first_failing_rank_code(tmp_path
                             start_new_session=True)
     code, out, err = finish(proc, timeout=60)
     assert code == 3, err
-    assert re.search(r"^disttrain run: rank 1 failed first, with exit code 3 \(probe rank 1 failed\); exit 3 "
-                     r"\(mpirun exited \d+\)$", err, re.M), err
+    assert re.search(r"^disttrain run: rank 1 failed first, with exit code 3 \(probe rank 1 failed\); rank\(s\) 0, 2 "
+                     r"of 3 left no final status \(killed, .*\); exit 3 \(mpirun exited \d+\)$", err, re.M), err
     assert not any(alive(pid) for pid in pids(tmp_path, 3))
     # no launcher at all, or one whose processes record nothing: its own code, said so
     proc = subprocess.run([str(BIN / "disttrain"), "run", "--", "sh", "-c", "exit 5"], env=env, capture_output=True,

@@ -53,21 +53,19 @@ def decide(statuses: Sequence[dict], *, launcher: str, launcher_code: int) -> tu
         chief = by_rank[0].get("reason") or "saved"
         return PREEMPTED, (f"every rank ({size} of {size}) was preempted and saved (rank 0: {chief}); "
                            f"exit {PREEMPTED} ({said})")
+    lost = (f"; rank(s) {', '.join(map(str, missing))} of {size} left no final status (killed, or the status "
+            "directory is not on a filesystem every host shares)") if missing else ""
     failed = sorted((s for s in statuses if s.get("code") not in (None, 0, PREEMPTED)), key=lambda s: s["time"])
     if failed:
         first = failed[0]
         others = f"; also failed: {', '.join(str(s['rank']) for s in failed[1:])}" if failed[1:] else ""
         return first["code"], (f"rank {first['rank']} failed first, with exit code {first['code']} "
-                               f"({first.get('reason', '')}){others}; exit {first['code']} ({said})")
+                               f"({first.get('reason', '')}){others}{lost}; exit {first['code']} ({said})")
     if not statuses:
         return launcher_code, (f"no rank recorded an exit status; exit {launcher_code}, {launcher}'s own (do the "
                                "workers create a disttrain backend, and see the status directory?)")
-    note = ""
-    if missing:
-        preempted = sum(1 for s in statuses if s.get("code") == PREEMPTED)
-        note = (f"; rank(s) {', '.join(map(str, missing))} of {size} left no final status (killed, or the "
-                f"status directory is not on a filesystem every host shares)"
-                + (f"; {preempted} rank(s) recorded {PREEMPTED}" if preempted else ""))
+    preempted = sum(1 for s in statuses if s.get("code") == PREEMPTED)
+    note = lost + (f"; {preempted} rank(s) recorded {PREEMPTED}" if missing and preempted else "")
     return launcher_code, f"no rank recorded a failure; exit {launcher_code}, {launcher}'s own{note}"
 
 
