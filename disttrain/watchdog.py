@@ -277,9 +277,11 @@ class Watchdog:
         if self._fired:
             return
         self._fired = True
+        message = self.describe(stack)
+        exit_status.record(code=STALL_EXIT_CODE, reason=message)  # for `disttrain run`
         stream = sys.stderr if _has_fileno(sys.stderr) else sys.__stderr__
         try:
-            stream.write(self.describe(stack) + "\n")
+            stream.write(message + "\n")
             stream.flush()
             faulthandler.dump_traceback(file=stream, all_threads=True)
             stream.flush()
@@ -287,7 +289,6 @@ class Watchdog:
             # Peers time out at about the same moment: give their watchdogs time to speak before a
             # launcher that sees this exit kills them.
             time.sleep(min(3.0, self.timeout))
-            exit_status.record(code=STALL_EXIT_CODE, reason=self.describe(stack))  # for `disttrain run`
             self._exit(STALL_EXIT_CODE)
 
 

@@ -113,10 +113,13 @@ def _kill_tree(pid: int) -> None:
 
 def run(backend: str, script: Path | str, args: list[str] = (), *, np: int = 2, timeout: float = 180,
         extra_env: dict | None = None, auto: bool = False, cpu_replicas: int | None = None,
-        returncode: int | None = 0) -> subprocess.CompletedProcess:
+        returncode: int | None = 0, under_run: bool = False) -> subprocess.CompletedProcess:
     """Runs and returns the finished process; raises AssertionError on a timeout or an exit status other
-    than ``returncode`` (None accepts any)."""
+    than ``returncode`` (None accepts any). A None value in ``extra_env`` unsets that variable;
+    ``under_run`` runs the launcher under `disttrain run --`."""
     cmd, env = command_for(backend, script, list(args), np=np, auto=auto, cpu_replicas=cpu_replicas)
+    if under_run:
+        cmd = [str(BIN / "disttrain"), "run", "--"] + cmd
     for key, value in (extra_env or {}).items():  # None: unset
         if value is None:
             env.pop(key, None)

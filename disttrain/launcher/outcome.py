@@ -37,6 +37,15 @@ PREEMPTED = 42
 MPI_LAUNCHERS = ("mpirun", "mpiexec", "orterun")
 
 
+#: Characters of a rank's reason quoted in the line (a watchdog's message is long).
+REASON_CHARS = 200
+
+
+def _reason(status: dict) -> str:
+    reason = status.get("reason") or ""
+    return reason if len(reason) <= REASON_CHARS else reason[:REASON_CHARS - 3] + "..."
+
+
 def decide(statuses: Sequence[dict], *, launcher: str, launcher_code: int) -> tuple[int, str]:
     """The run's exit code and the line that explains it.
 
@@ -50,7 +59,7 @@ def decide(statuses: Sequence[dict], *, launcher: str, launcher_code: int) -> tu
     size = max((s.get("size", 0) for s in statuses), default=0)
     missing = [r for r in range(size) if r not in by_rank or not by_rank[r].get("ended")]
     if size and not missing and all(by_rank[r].get("code") == PREEMPTED for r in range(size)):
-        chief = by_rank[0].get("reason") or "saved"
+        chief = _reason(by_rank[0]) or "saved"
         return PREEMPTED, (f"every rank ({size} of {size}) was preempted and saved (rank 0: {chief}); "
                            f"exit {PREEMPTED} ({said})")
     lost = (f"; rank(s) {', '.join(map(str, missing))} of {size} left no final status (killed, or the status "
@@ -60,7 +69,7 @@ def decide(statuses: Sequence[dict], *, launcher: str, launcher_code: int) -> tu
         first = failed[0]
         others = f"; also failed: {', '.join(str(s['rank']) for s in failed[1:])}" if failed[1:] else ""
         return first["code"], (f"rank {first['rank']} failed first, with exit code {first['code']} "
-                               f"({first.get('reason', '')}){others}{lost}; exit {first['code']} ({said})")
+                               f"({_reason(first)}){others}{lost}; exit {first['code']} ({said})")
     if not statuses:
         return launcher_code, (f"no rank recorded an exit status; exit {launcher_code}, {launcher}'s own (do the "
                                "workers create a disttrain backend, and see the status directory?)")
