@@ -30,13 +30,10 @@ from typing import Sequence
 
 from disttrain import startup_logs
 from disttrain.exit_status import STATUS_DIR_ENV, read_all
+from disttrain.launcher.supervisor import PREEMPTED
 
-#: A rank's exit code after a preemption with its checkpoint saved (disttrain.PREEMPTION_EXIT_CODE).
-PREEMPTED = 42
 #: Launchers whose remote ranks get only the variables named with ``-x``.
 MPI_LAUNCHERS = ("mpirun", "mpiexec", "orterun")
-
-
 #: Characters of a rank's reason quoted in the line (a watchdog's message is long).
 REASON_CHARS = 200
 
