@@ -8,13 +8,19 @@
     trainer.fit(dataset, global_batch_size=64, epochs=5)
 
 The public names load on first use (PEP 562), so ``import disttrain`` and the ``disttrain`` command do
-not pay for TensorFlow's import until something needs it.
+not pay for TensorFlow's import until something needs it. ``import disttrain`` keeps TensorFlow's C++
+start-up notices out of the output (:mod:`disttrain.startup_logs`; ``DISTTRAIN_VERBOSE=1`` keeps them):
+import it before TensorFlow.
 """
 
 from __future__ import annotations
 
 import importlib
 from typing import TYPE_CHECKING
+
+from disttrain import startup_logs as _startup_logs
+
+_startup_logs.install()  # before anything loads TensorFlow: its start-up notices stay out of the output
 
 __version__ = "0.1.0"
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping
 import numpy as np
 import tensorflow as tf
 
-from disttrain import checkpoint_files, elastic_worker
+from disttrain import checkpoint_files, elastic_worker, exit_status
 from disttrain.checkpoint_files import CheckpointError
 from disttrain.preemption import DEFAULT_SIGNALS, PREEMPTION_EXIT_CODE, Preempted, SignalWatcher
 from disttrain.totals import Carry, EpochTotals
@@ -198,18 +198,22 @@ class CheckpointSession:
             path = self.save(carry=totals.carry())
             if stop:
                 self.backend.barrier()  # nobody exits (and makes a launcher kill the others) before the save
-                if self.backend.size > 1:
-                    # Leaving the barrier's collective, this process may still be sending to a peer that has
-                    # not left it; exiting at once can cut that connection ("Collective ops is aborted by:
-                    # Socket closed" on the peer). A moment lets every process leave the barrier.
-                    time.sleep(EXIT_LINGER_SECONDS)
+                preempted = Preempted(step=step, checkpoint=path)
+                # Said (and recorded for `disttrain run`) before lingering: mpirun's default gives a rank 1 s
+                # from SIGTERM to SIGKILL, and a kill during the linger used to swallow this line.
                 if self.backend.is_chief:
                     trainer = self.trainer
                     print(f"disttrain: preempted after global step {step} (epoch {trainer.epoch + 1}, step "
                           f"{trainer.epoch_step}/{trainer.epoch_steps}); saved {path}; exiting with code "
                           f"{PREEMPTION_EXIT_CODE}; run the same command to resume",
                           file=sys.stderr, flush=True)
-                raise Preempted(step=step, checkpoint=path)
+                exit_status.record(code=PREEMPTION_EXIT_CODE, reason=str(preempted))
+                if self.backend.size > 1:
+                    # Leaving the barrier's collective, this process may still be sending to a peer that has
+                    # not left it; exiting at once can cut that connection ("Collective ops is aborted by:
+                    # Socket closed" on the peer). A moment lets every process leave the barrier.
+                    time.sleep(EXIT_LINGER_SECONDS)
+                raise preempted
 
     # -- saving --------------------------------------------------------------------------------
     def save(self, *, carry: Carry | None) -> str | None:

@@ -1,4 +1,4 @@
-"""The ``disttrain`` command: ``info``, ``launch``, ``install-horovod`` and ``slurm``.
+"""The ``disttrain`` command: ``info``, ``launch``, ``run``, ``install-horovod`` and ``slurm``.
 
 Nothing heavy is imported before a subcommand needs it: ``disttrain --help`` answers without loading
 TensorFlow.
@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 
+from disttrain import startup_logs
 from disttrain.launcher import DEFAULT_SSH
 
 
@@ -94,6 +95,8 @@ def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except (ValueError, OSError) as err:
         parser.error(str(err))
     num_workers = args.num_workers if elastic else args.num_workers or sum(h.slots for h in hosts)
+    if args.verbose:
+        startup_logs.make_verbose()
     try:
         return launch(command, backend=args.backend, hosts=hosts, num_workers=num_workers,
                       max_restarts=args.max_restarts, grace_period=args.grace_period, stop_timeout=args.stop_timeout,
@@ -104,6 +107,23 @@ def _launch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except (ValueError, ImportError, RuntimeError) as err:
         print(f"disttrain launch: {err}", file=sys.stderr)
         return 2
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from disttrain.launcher.outcome import run
+
+    command = list(args.command)
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if not command:
+        parser.error("the launcher is missing: disttrain run [--status-dir DIR] -- mpirun -np 2 python train.py")
+    if args.verbose:
+        startup_logs.make_verbose()
+    try:
+        return run(command, status_dir=args.status_dir)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"disttrain run: {err}", file=sys.stderr)
+        return 127 if isinstance(err, FileNotFoundError) else 2
 
 
 def _install_horovod(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -173,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(sets DISTTRAIN_STARTUP_TIMEOUT; default 300)")
     p.add_argument("--timeout", type=_positive(float), default=None, metavar="S",
                    help="stop every worker after S seconds in all and exit with 124 (default: no limit)")
+    p.add_argument("--verbose", action="store_true",
+                   help="keep TensorFlow's start-up notices and C++ INFO/WARNING lines (sets DISTTRAIN_VERBOSE=1 "
+                        "for the workers)")
     elastic = p.add_argument_group("elastic jobs (workers leave and join; see docs/elastic.md)")
     elastic.add_argument("--min-workers", type=_positive(int), default=None, metavar="M",
                          help="elastic: run with at least M workers (default 1 when elastic)")
@@ -191,6 +214,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="script.py [args ...]",
                    help="the training script (run with this Python) or any command, and its arguments")
     p.set_defaults(run=_launch, subparser=p)
+
+    p = sub.add_parser("run", help="run horovodrun, mpirun or srun and exit 42 when every rank was preempted",
+                       description="Run a launcher (horovodrun, mpirun, srun, ...) and exit with a code a scheduler "
+                                   "can use: 42 when every rank was preempted and saved its checkpoint, else the "
+                                   "code of the first rank that failed, else the launcher's own. Each disttrain "
+                                   "process records its exit status in a directory given to it in "
+                                   "DISTTRAIN_STATUS_DIR. Prints one line saying which. See docs/launch.md.")
+    p.add_argument("--status-dir", metavar="DIR", default=None,
+                   help="where the ranks write their status; must be on a filesystem every host shares when "
+                        "ranks run on other hosts (default: a new temporary directory here)")
+    p.add_argument("--verbose", action="store_true",
+                   help="keep TensorFlow's start-up notices and C++ INFO/WARNING lines (sets DISTTRAIN_VERBOSE=1 "
+                        "for the workers)")
+    p.add_argument("command", nargs=argparse.REMAINDER, metavar="-- LAUNCHER [args ...]",
+                   help="the launcher command, e.g. -- mpirun -np 2 python train.py")
+    p.set_defaults(run=_run, subparser=p)
 
     p = sub.add_parser("install-horovod", help="build and install Horovod for this Python (cached)",
                        description="Build Horovod 0.28.1 from source for this Python and TensorFlow (patched for "

@@ -45,6 +45,8 @@ from typing import Any, Callable, Iterator
 
 import tensorflow as tf
 
+from disttrain import exit_status
+
 #: Exit status of a process the watchdog aborted (as coreutils ``timeout``).
 STALL_EXIT_CODE = 124
 
@@ -281,9 +283,11 @@ class Watchdog:
         if self._fired:
             return
         self._fired = True
+        message = self.describe(stack)
+        exit_status.record(code=STALL_EXIT_CODE, reason=message)  # for `disttrain run`
         stream = sys.stderr if _has_fileno(sys.stderr) else sys.__stderr__
         try:
-            stream.write(self.describe(stack) + "\n")
+            stream.write(message + "\n")
             stream.flush()
             faulthandler.dump_traceback(file=stream, all_threads=True)
             stream.flush()

@@ -19,6 +19,19 @@ BIN = Path(sys.executable).parent
 BACKENDS = ["single", "mirrored", "multiworker", "horovod-gloo", "horovod-mpi"]
 
 
+#: What base_env() sets that a user's environment does not: a run without them shows whether disttrain
+#: keeps TensorFlow's start-up notices out of the output (disttrain/startup_logs.py).
+TEST_ONLY_ENV = ("TF_CPP_MIN_LOG_LEVEL", "TF_ENABLE_ONEDNN_OPTS")
+
+
+def startup_notices(output: str) -> list[str]:
+    """The lines of ``output`` that are TensorFlow's start-up notices (absl, oneDNN, CPU features)."""
+    from disttrain.startup_logs import NOTICES
+
+    return [line for line in output.splitlines()
+            if any(n.decode() in line for n in NOTICES) or "cpu_feature_guard" in line]
+
+
 def base_env() -> dict:
     env = dict(os.environ)
     env.update(TF_CPP_MIN_LOG_LEVEL="2", DISTTRAIN_THREADS="1", OMP_NUM_THREADS="1",
@@ -100,11 +113,18 @@ def _kill_tree(pid: int) -> None:
 
 def run(backend: str, script: Path | str, args: list[str] = (), *, np: int = 2, timeout: float = 180,
         extra_env: dict | None = None, auto: bool = False, cpu_replicas: int | None = None,
-        returncode: int | None = 0) -> subprocess.CompletedProcess:
+        returncode: int | None = 0, under_run: bool = False) -> subprocess.CompletedProcess:
     """Runs and returns the finished process; raises AssertionError on a timeout or an exit status other
-    than ``returncode`` (None accepts any)."""
+    than ``returncode`` (None accepts any). A None value in ``extra_env`` unsets that variable;
+    ``under_run`` runs the launcher under `disttrain run --`."""
     cmd, env = command_for(backend, script, list(args), np=np, auto=auto, cpu_replicas=cpu_replicas)
-    env.update(extra_env or {})
+    if under_run:
+        cmd = [str(BIN / "disttrain"), "run", "--"] + cmd
+    for key, value in (extra_env or {}).items():  # None: unset
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:

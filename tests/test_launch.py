@@ -6,6 +6,8 @@ The end-to-end restart of a checkpointed TensorFlow run is in tests/test_restart
 """
 
 import json
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -93,9 +95,10 @@ def test_a_failed_worker_stops_the_others_and_its_code_is_returned(tmp_path):
     assert f"worker 2 on localhost: TF_CONFIG='{config}' {BIN / 'python'} -m disttrain.launcher.guard" in err
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_signals_are_forwarded_and_preempted_workers_return_42(sig, tmp_path):
-    proc = start(tmp_path, "-n", "2", probe=["--save-seconds", "1"])
+@pytest.mark.parametrize("sig,backend", [(signal.SIGTERM, "multiworker"), (signal.SIGINT, "multiworker"),
+                                         (signal.SIGTERM, "horovod")])
+def test_signals_are_forwarded_and_preempted_workers_return_42(sig, backend, tmp_path):
+    proc = start(tmp_path, "-n", "2", "--backend", backend, probe=["--save-seconds", "1"])
     wait_for([tmp_path / "pid0", tmp_path / "pid1"])
     proc.send_signal(sig)
     code, out, err = finish(proc, timeout=60)
@@ -197,3 +200,57 @@ def test_a_request_to_a_guard_that_has_exited_is_dropped_and_closing_its_pipe_do
     worker.send("KILL")
     worker.close()
     assert proc.stdin.closed
+
+
+# -- disttrain run: an exit code a scheduler can use, around launchers that lose the workers' ---------
+def _status(rank, code, *, size=2, at=0.0, reason="", ended=True):
+    return {"rank": rank, "size": size, "code": code, "reason": reason, "ended": ended, "time": at}
+
+
+def test_disttrain_run_decides_from_the_statuses_the_ranks_recorded():
+    from disttrain.launcher.outcome import decide
+
+    saved = [_status(0, 42, reason="preempted after global step 7; checkpoint c/ckpt-2"),
+             _status(1, 42, reason="preempted after global step 7; checkpoint None")]
+    # horovodrun 0.28.1 that lost its workers' status (exit 0), or that raised (1): 42 either way
+    for launcher_code in (0, 1):
+        assert decide(saved, launcher="horovodrun", launcher_code=launcher_code) == (
+            42, "every rank (2 of 2) was preempted and saved (rank 0: preempted after global step 7; checkpoint "
+                f"c/ckpt-2); exit 42 (horovodrun exited {launcher_code})")
+    # a rank killed before it could record: not every rank is known to have saved
+    code, line = decide([saved[0], _status(1, None, ended=False)], launcher="srun", launcher_code=137)
+    assert code == 137 and line == ("no rank recorded a failure; exit 137, srun's own; rank(s) 1 of 2 left no final "
+                                    "status (killed, or the status directory is not on a filesystem every host "
+                                    "shares); 1 rank(s) recorded 42")
+    # the first failure in time wins over a later one and over 42
+    failed = [_status(0, 1, size=3, at=5.0, reason="RuntimeError: peer lost"), _status(1, 42, size=3),
+              _status(2, 3, size=3, at=2.0, reason="ValueError: bad input")]
+    assert decide(failed, launcher="mpirun", launcher_code=1) == (
+        3, "rank 2 failed first, with exit code 3 (ValueError: bad input); also failed: 0; exit 3 (mpirun exited 1)")
+    assert decide([_status(0, None), _status(1, None)], launcher="mpirun", launcher_code=0) == (
+        0, "no rank recorded a failure; exit 0, mpirun's own")
+    assert decide([], launcher="sh", launcher_code=5)[0] == 5
+
+
+@pytest.mark.skipif(shutil.which("mpirun") is None, reason="needs OpenMPI's mpirun")
+def test_disttrain_run_under_mpirun_returns_the_first_failing_rank_code(tmp_path):
+    """Real mpirun, 3 ranks without TensorFlow: rank 1 fails with 3, the others ignore SIGTERM and are
+    killed; `disttrain run` names rank 1 and returns its code, whatever mpirun returns."""
+    env = dict(base_env(), OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = [str(BIN / "disttrain"), "run", "--", shutil.which("mpirun"), "-np", "3", "--oversubscribe", "--bind-to",
+           "none", sys.executable, str(PROBE), "--out", str(tmp_path), "--mode", "fail", "--rank-fails", "1",
+           "--code", "3"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    code, out, err = finish(proc, timeout=60)
+    assert code == 3, err
+    assert re.search(r"^disttrain run: rank 1 failed first, with exit code 3 \(probe rank 1 failed\); rank\(s\) 0, 2 "
+                     r"of 3 left no final status \(killed, .*\); exit 3 \(mpirun exited \d+\)$", err, re.M), err
+    assert not any(alive(pid) for pid in pids(tmp_path, 3))
+    # no launcher at all, or one whose processes record nothing: its own code, said so
+    proc = subprocess.run([str(BIN / "disttrain"), "run", "--", "sh", "-c", "exit 5"], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 5 and "disttrain run: no rank recorded an exit status; exit 5, sh's own" in proc.stderr
+    proc = subprocess.run([str(BIN / "disttrain"), "run", "--", "no-such-launcher"], env=env, capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 127 and "launcher 'no-such-launcher' not found on PATH" in proc.stderr

@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from launchers import ROOT, run
+from launchers import ROOT, TEST_ONLY_ENV, run, startup_notices
 
 
 def _snippets() -> list[str]:
@@ -24,8 +24,10 @@ def snippet(tmp_path_factory):
 
 @pytest.mark.parametrize("env,expected", [({}, "single 1"), ({"DISTTRAIN_CPU_REPLICAS": "2"}, "mirrored 2")])
 def test_readme_snippet_runs(snippet, env, expected):
-    proc = run("single", snippet, extra_env=env, timeout=120)
+    """In a user's environment (no TEST_ONLY_ENV): it prints none of TensorFlow's start-up notices."""
+    proc = run("single", snippet, extra_env={**env, **dict.fromkeys(TEST_ONLY_ENV)}, timeout=120)
     assert f"README OK {expected}" in proc.stdout
+    assert not startup_notices(proc.stderr), proc.stderr[-3000:]
 
 
 def test_readme_checkpoint_snippet_resumes_when_run_again(tmp_path):

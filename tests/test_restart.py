@@ -4,7 +4,7 @@
   from the last checkpoint and end with the weights of the run nobody interrupted (bitwise: CPU, same
   number of workers).
 * SIGTERM to the launcher mid-run: forwarded, every worker stops at the same step, saves and exits 42,
-  and the launcher exits 42. (That the same command then resumes is tests/test_checkpoint_resume.py's,
+  and the launcher exits 42; the workers print none of TensorFlow's start-up notices. (That the same command then resumes is tests/test_checkpoint_resume.py's,
   whose multiworker runs use disttrain launch.)
 """
 
@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from launchers import BIN, WORKERS, _kill_tree, base_env
+from launchers import BIN, TEST_ONLY_ENV, WORKERS, _kill_tree, base_env, startup_notices
 
 
 def weights(path):
@@ -23,8 +23,8 @@ def weights(path):
         return [f[k] for k in sorted(f.files, key=lambda k: int(k.split("_")[1]))]
 
 
-def launch(args, **popen):
-    return subprocess.Popen([str(BIN / "disttrain"), "launch", "-n", "2", *args], env=base_env(),
+def launch(args, *, env=None, **popen):
+    return subprocess.Popen([str(BIN / "disttrain"), "launch", "-n", "2", *args], env=env or base_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **popen)
 
 
@@ -53,8 +53,10 @@ def test_kill_9_of_a_worker_restarts_all_and_the_run_ends_with_the_uninterrupted
 
 
 def _sigterm_midrun(out, after_step):
-    """Runs tests/workers/long_run.py under disttrain launch and SIGTERMs the launcher after ``after_step``."""
-    proc = launch([str(WORKERS / "long_run.py"), "--backend", "auto", "--out", str(out)])
+    """Runs tests/workers/long_run.py under disttrain launch, in a user's environment (no TEST_ONLY_ENV), and
+    SIGTERMs the launcher after ``after_step``."""
+    env = {k: v for k, v in base_env().items() if k not in TEST_ONLY_ENV}
+    proc = launch([str(WORKERS / "long_run.py"), "--backend", "auto", "--out", str(out)], env=env)
     step_file = out / "step"
     deadline = time.monotonic() + 200
     try:
@@ -78,3 +80,4 @@ def test_sigterm_to_the_launcher_saves_on_every_worker_and_exits_42(tmp_path):
     saved = re.search(r"preempted after global step (\d+) .*saved (\S+); exiting with code 42", output)
     assert saved and (tmp_path / "ckpt" / "checkpoint").read_text().startswith(
         f'model_checkpoint_path: "{saved.group(2).rsplit("/", 1)[1]}"'), output[-4000:]
+    assert not startup_notices(output), output[-4000:]

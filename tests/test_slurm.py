@@ -22,9 +22,12 @@ with open(os.path.join(os.environ["OUT"], "task" + os.environ["SLURM_PROCID"] + 
 """
 
 
-def run_sbatch(tmp_path, script, *, nodes, per_node, step_nodelist, step_tasks, extra_env=None):
+def run_sbatch(tmp_path, script, *, nodes, per_node, step_nodelist, step_tasks, extra_env=None, train_text=DUMP,
+               returncode=0):
+    """Runs the sbatch script in the fake SLURM; returns (the training script, the recorded calls) or, with
+    another ``returncode`` expected, the finished process."""
     train = tmp_path / "train.py"
-    train.write_text(DUMP)
+    train.write_text(train_text)
     log = tmp_path / "log.jsonl"
     env = dict(base_env(), PATH=f"{FAKE}{os.pathsep}{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                FAKE_LOG=str(log), FAKE_NODES=",".join(nodes), FAKE_TASKS_PER_NODE=str(per_node),
@@ -34,7 +37,9 @@ def run_sbatch(tmp_path, script, *, nodes, per_node, step_nodelist, step_tasks, 
                **(extra_env or {}))
     proc = subprocess.run(["bash", str(ROOT / "launch" / script), str(train), "--epochs", "3"], env=env,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == returncode, proc.stderr
+    if returncode:
+        return proc
     return train, [json.loads(line) for line in log.read_text().splitlines()]
 
 
@@ -63,6 +68,39 @@ def test_horovod_sbatch_runs_srun_with_pmix_or_horovodrun_on_the_job_hosts(tmp_p
                               extra_env={"DISTTRAIN_SLURM_LAUNCHER": "horovodrun"})
     assert calls[-1] == ["horovodrun", "-np", "8", "-H", "node01:4,node02:4", sys.executable, str(train),
                          "--epochs", "3"]
+
+
+# Each task records the code TASK_CODES gives it (as a disttrain process records its own), then exits with
+# it; task 1 then dies of SIGKILL, as srun --kill-on-bad-exit kills the others after the first exit.
+RECORD = """import os, signal, time
+from disttrain import exit_status
+rank = int(os.environ["SLURM_PROCID"])
+exit_status.start(rank=rank, size=int(os.environ["SLURM_STEP_NUM_TASKS"]))
+code = int(os.environ["TASK_CODES"].split(",")[rank])
+time.sleep(0.2 * rank)
+exit_status.record(code=code, reason=f"task {rank} says {code}")
+if rank == 1:
+    os.kill(os.getpid(), signal.SIGKILL)
+os._exit(code)
+"""
+
+
+@pytest.mark.parametrize("script,codes,expected,line", [
+    ("slurm-multiworker.sbatch", "42,42", 42,
+     "disttrain run: every rank (2 of 2) was preempted and saved (rank 0: task 0 says 42); exit 42 (srun exited 137)"),
+    ("slurm-horovod.sbatch", "3,42", 3,
+     "disttrain run: rank 0 failed first, with exit code 3 (task 0 says 3); exit 3 (srun exited 137)"),
+])
+def test_sbatch_scripts_exit_42_when_every_task_saved_else_the_first_failing_code(tmp_path, script, codes, expected,
+                                                                                   line):
+    """srun gives 137 (a task it killed); the scripts run it under `disttrain run`, whose status directory
+    (DISTTRAIN_STATUS_ROOT/<job id>) is removed after the job."""
+    root = tmp_path / "status"
+    proc = run_sbatch(tmp_path, script, nodes=["node01", "node02"], per_node=1, step_nodelist="node[01-02]",
+                      step_tasks="1(x2)", train_text=RECORD, returncode=expected,
+                      extra_env={"TASK_CODES": codes, "DISTTRAIN_STATUS_ROOT": str(root), "SLURM_JOB_ID": "77"})
+    assert proc.stderr.splitlines()[-1] == line, proc.stderr
+    assert root.is_dir() and not (root / "77").exists()
 
 
 def test_slurm_host_lists_expand_as_scontrol_show_hostnames_does():

@@ -17,14 +17,17 @@ from launchers import WORKERS, run
 
 SCRIPT = WORKERS / "stall.py"
 TIMEOUT = 8  # the first call (tracing) gets watchdog.FIRST_CALL_FACTOR times as long
-# horovodrun ends with 1 and reports the worker's status; mpirun and disttrain launch pass it on.
-STATUS = {"horovod-gloo": 1, "horovod-mpi": 124, "multiworker": 124}
+# horovodrun ends with 1 and reports the worker's status; mpirun and disttrain launch pass it on. The
+# horovodrun case runs under `disttrain run`, which returns the code the first failing rank recorded.
+STATUS = {"horovod-gloo": 124, "horovod-mpi": 124, "multiworker": 124}
+UNDER_RUN = ("horovod-gloo",)
 CASES = [("horovod-gloo", "step"), ("multiworker", "step"), ("multiworker", "callback"), ("horovod-mpi", "callback")]
 
 
 def _stalled_run(backend, where, tmp_path):
     proc = run(backend, SCRIPT, ["--out", str(tmp_path), "--stall-rank", "1", "--stall-step", "3", "--where", where],
-               timeout=240, extra_env={"DISTTRAIN_STEP_TIMEOUT": str(TIMEOUT)}, returncode=STATUS[backend])
+               timeout=240, extra_env={"DISTTRAIN_STEP_TIMEOUT": str(TIMEOUT)}, returncode=STATUS[backend],
+               under_run=backend in UNDER_RUN)
     ended = time.time()
     output = proc.stdout + proc.stderr
     assert (tmp_path / "stall_time").exists(), f"{backend}: the watchdog fired before the stall:\n{output[-5000:]}"
@@ -32,6 +35,7 @@ def _stalled_run(backend, where, tmp_path):
 
 
 def _message(output, rank):
+    output = "\n".join(line for line in output.splitlines() if not line.startswith("disttrain run:"))  # quotes one
     found = re.findall(rf"disttrain watchdog: \S+: rank {rank} of 2, [^\n]*", output)
     assert len(found) == 1, (rank, output[-6000:])
     return found[0]
@@ -66,6 +70,9 @@ def test_a_stalled_rank_aborts_every_rank_saying_where_each_was(backend, where, 
     # every rank dumped its Python stacks; the stalled one shows where it sleeps
     assert output.count("(most recent call first):") >= 4, output[-3000:]
     assert re.search(r"stall\.py\", line \d+ in stall_here", output), output[-3000:]
+    if backend in UNDER_RUN:  # horovodrun itself said 1
+        assert re.search(r"^disttrain run: rank [01] failed first, with exit code 124 \(disttrain watchdog: horovod: "
+                         r"rank [01] of 2, .*; exit 124 \(horovodrun exited 1\)$", output, re.M), output[-3000:]
     if backend.startswith("horovod"):
         assert "Horovod 0.28.1 under Gloo (horovodrun --gloo) never prints it" in waiting
     if backend == "horovod-mpi":  # DISTTRAIN_STEP_TIMEOUT=8 set HOROVOD_STALL_CHECK_TIME_SECONDS=2

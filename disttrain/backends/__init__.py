@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+from disttrain import exit_status
 from disttrain.backends.base import REDUCE_OPS, Backend, InputContext
 from disttrain.backends.rendezvous import MPI_SIZE_ENV
 from disttrain.backends.gradients import DEFAULT_BUCKET_MB, GradientOptions
@@ -97,6 +98,7 @@ def get_backend(name: str = "auto", *, cpu_replicas: int | None = None, threads:
         from disttrain.backends.horovod import HorovodBackend
         _current = HorovodBackend(**options)
     _current.gradient_options = gradient_options
+    exit_status.start(rank=_current.rank, size=_current.size)  # for `disttrain run` (DISTTRAIN_STATUS_DIR)
     if not _current.is_chief:  # silence elsewhere: only the chief talks
         import tensorflow as tf
 

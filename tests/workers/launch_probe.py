@@ -5,7 +5,8 @@
 
 Its rank comes from TF_CONFIG (multiworker), HOROVOD_RANK (horovod) or OMPI_COMM_WORLD_RANK (mpirun). It writes DIR/pid<rank> (its
 pid) and DIR/env<rank>.<attempt>.json (its launcher variables; attempt counts the earlier ones of that rank),
-with --report prints the line an elastic launcher waits for (as a checkpointing disttrain chief), then:
+with --report prints the line an elastic launcher waits for (as a checkpointing disttrain chief), then
+(recording its exit status for `disttrain run` as a disttrain process does):
   sleep      sleeps until signalled; SIGTERM/SIGINT: writes DIR/signal<rank> (signal name and time),
              sleeps --save-seconds (a checkpoint save), writes DIR/saved<rank>, exits 42 (as a preempted
              disttrain worker does); with --miss-first-term its first attempt drops the first SIGTERM
@@ -23,6 +24,8 @@ import signal
 import sys
 import time
 
+from disttrain import exit_status
+
 parser = argparse.ArgumentParser()
 parser.add_argument("--out", required=True)
 parser.add_argument("--mode", choices=("sleep", "fail", "fail-once"), required=True)
@@ -35,10 +38,12 @@ args = parser.parse_args()
 
 if os.environ.get("TF_CONFIG"):
     rank = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+    size = len(json.loads(os.environ["TF_CONFIG"])["cluster"]["worker"])
 elif "HOROVOD_RANK" in os.environ:
-    rank = int(os.environ["HOROVOD_RANK"])
+    rank, size = int(os.environ["HOROVOD_RANK"]), int(os.environ["HOROVOD_SIZE"])
 else:
-    rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
+    rank, size = int(os.environ["OMPI_COMM_WORLD_RANK"]), int(os.environ["OMPI_COMM_WORLD_SIZE"])
+exit_status.start(rank=rank, size=size)  # as get_backend does: for `disttrain run` (DISTTRAIN_STATUS_DIR)
 attempt = len([f for f in os.listdir(args.out) if f.startswith(f"env{rank}")])
 with open(os.path.join(args.out, f"env{rank}.{attempt}.json"), "w") as f:
     json.dump({k: v for k, v in os.environ.items() if k.startswith(("TF_CONFIG", "HOROVOD_", "DISTTRAIN_"))}, f)
@@ -61,6 +66,7 @@ def preempted(signum, frame):
     print(f"probe rank {rank}: {signal.Signals(signum).name}, saving", flush=True)
     time.sleep(args.save_seconds)
     open(os.path.join(args.out, f"saved{rank}"), "w").close()
+    exit_status.record(code=42, reason=f"probe rank {rank} saved")
     sys.exit(42)
 
 
@@ -74,6 +80,7 @@ elif args.mode == "fail":
     if rank == args.rank_fails:
         time.sleep(1)
         print(f"probe rank {rank}: failing with {args.code}", flush=True)
+        exit_status.record(code=args.code, reason=f"probe rank {rank} failed")
         sys.exit(args.code)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     while True:
