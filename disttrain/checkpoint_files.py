@@ -245,8 +245,8 @@ _VIEWS = {0: "sees the chief's token: the same directory", 1: "does not see the 
 
 def check_directory(directory: str, *, backend: Any, writer_dir: str | None) -> None:
     """Checks, before the first step, that ``directory`` is writable and is the same directory on every
-    process: the chief writes a random token there, every process reads it back (collective; two
-    all-reduces of a few integers).
+    process: the chief writes a random token there, every process reads it back, the chief removes it
+    (collective; two all-reduces of a few integers).
 
     Args:
       directory: The checkpoint directory.
@@ -290,6 +290,11 @@ def check_directory(directory: str, *, backend: Any, writer_dir: str | None) -> 
     views[backend.rank] = view
     if backend.size > 1:
         views = np.asarray(backend.all_reduce(views, "sum"))
+    if backend.is_chief and not own_error:  # every process has read it: the directory is left as it was
+        try:
+            os.remove(token_path)
+        except OSError:
+            pass
     if not views.any():
         return
     import socket

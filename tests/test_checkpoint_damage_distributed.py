@@ -29,7 +29,7 @@ def test_a_deleted_index_falls_back_on_every_rank_and_loses_nothing(backend, tmp
     assert "WARNING" not in ranks[1]["fallback"]["stderr"]  # said once, by the chief
     # rotation kept the newest 3 (all written after the fallback), the damaged data is kept aside
     assert [f for f in chief["files"] if f.endswith(".index")] == ["ckpt-5.index", "ckpt-6.index", "ckpt-7.index"]
-    assert "damaged" in chief["files"]
+    assert "damaged" in chief["files"] and ".disttrain-directory-check" not in chief["files"]  # the token is gone
     got, want = np.load(found.out / "fallback_weights.npz"), np.load(found.out / "reference_weights.npz")
     for key in want:
         np.testing.assert_array_equal(got[key], want[key])  # same backend, same steps: bitwise

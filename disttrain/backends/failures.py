@@ -169,6 +169,8 @@ def translate(backend: Any, err: BaseException, *, phase: str, position: Callabl
         if position is not None:
             err.locate(position(), resume=resume)
         return err
+    if type(err).__module__.startswith("disttrain."):  # disttrain's own errors (a failed save ...) say it already
+        return None
     try:
         failure = backend.describe_collective_failure(err)
     except Exception:  # noqa: BLE001 - reading the error must never hide it

@@ -63,7 +63,8 @@ def horovod_env(*, fusion_threshold_mb: float | None = None, cycle_time_ms: floa
 
 
 #: What Horovod's errors say when a collective failed (Gloo's own words are in Horovod's log line before).
-_LOST = ("Horovod has been shut down", "gloo")
+#: Words of Horovod's and Gloo's own errors for a lost peer (not just "gloo": a path may hold that).
+_LOST = ("Horovod has been shut down", "gloo/transport", "gloo::", "Gloo")
 
 
 def describe_horovod_failure(err: BaseException, *, rank: int, size: int, hosts: dict[int, str], controller: str,
