@@ -54,6 +54,7 @@ class NonFiniteError(FloatingPointError):
     """Raised on every rank after a step whose loss or gradients were not finite (``on_nonfinite="raise"``).
 
     Attributes:
+      message: What was not finite, at which step, on which rank(s), and the fix.
       steps: ``(first, last)`` global steps of the call that had it (equal with one step per call).
       ranks: Ranks where a value was not finite (empty: only the sum over the replicas overflowed).
     """

@@ -29,23 +29,32 @@ def format_of(path: str) -> str:
     return "keras" if str(path).endswith(".keras") else "saved_model"
 
 
-def save_model(*, model: Any, backend: Any, path: str, overwrite: bool = False) -> str:
+def save_model(*, model: Any = None, backend: Any, path: str, overwrite: bool = False, models: Any = ()) -> str:
     """Writes ``model`` to ``path`` once, from the chief, and waits until every process may read it.
 
+    Call it on every process, after training (``trainer.save_model(path)`` calls it).
+
     Args:
-      model: A Keras model (trained with disttrain or not).
+      model: A Keras model (trained with disttrain or not); default the only one of ``models``.
       backend: The run's backend (a :class:`disttrain.Backend`).
       path: A ``.keras`` file (``model.save``; load with ``keras.models.load_model``) or any other path: a
         TensorFlow SavedModel directory for serving (``model.export``: TF Serving, ``tf.saved_model.load``,
         whose ``serve`` function is the model's inference call). A directory every process can read.
       overwrite: Replace an existing ``path``; without it an existing one is an error.
+      models: The trainer's models, to pick ``model`` from when it is not given.
 
     Returns:
       ``path``.
 
     Raises:
+      ValueError: If ``model`` is not given and ``models`` does not hold exactly one.
       FileExistsError: If ``path`` exists and ``overwrite`` is False (raised on every process alike).
     """
+    if model is None:
+        if len(models) != 1:
+            raise ValueError(f"save_model: the trainer has {len(models)} models "
+                             f"({', '.join(m.name for m in models)}); pass model=the_one_to_save")
+        model = models[0]
     path = str(path)
     exists = bool(backend.broadcast(int(os.path.exists(path)))) if backend.size > 1 else os.path.exists(path)
     if exists and not overwrite:

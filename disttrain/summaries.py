@@ -39,6 +39,7 @@ from tensorboard.util import tensor_util
 
 from disttrain.callbacks import Callback
 
+__all__ = ["TensorBoard", "run_dir"]  # the public part (dt.summaries.*, dt.TensorBoard)
 HISTOGRAM_KINDS = ("weights", "gradients")
 HISTOGRAM_BUCKETS = 30  # TensorBoard's default
 _SCALAR_METADATA = scalar_metadata.create_summary_metadata(display_name=None, description=None)
@@ -77,6 +78,10 @@ def run_dir(root: str = "runs", name: str | None = None) -> str:
     """``root/name``, or ``root/<YYYYmmdd-HHMMSS>`` without a name. Creates nothing.
 
     Only the chief uses the directory, so a timestamp that differs between processes is harmless.
+
+    Args:
+      root: The parent directory.
+      name: The run's name (default: the time).
     """
     return os.path.join(root, name or time.strftime("%Y%m%d-%H%M%S"))
 
@@ -188,6 +193,11 @@ class TensorBoard(Callback):
 
     # -- profiler (chief only; called by the step logger at the window's edges) ---------------------
     def start_profile(self, trainer) -> None:
+        """Starts the TF profiler (chief only), just before global step ``profile_steps[0]``.
+
+        Args:
+          trainer: The running trainer.
+        """
         if not trainer.backend.is_chief or self._profiling:
             return
         os.makedirs(self.logdir, exist_ok=True)
@@ -195,6 +205,11 @@ class TensorBoard(Callback):
         self._profiling = True
 
     def stop_profile(self, trainer) -> None:
+        """Stops the profiler and writes its trace, just after step ``profile_steps[1]`` (or at the end).
+
+        Args:
+          trainer: The running trainer.
+        """
         if self._profiling:
             self._profiling = False
             tf.profiler.experimental.stop()  # writes <logdir>/plugins/profile/<time>/<host>.xplane.pb

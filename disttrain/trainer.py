@@ -59,6 +59,7 @@ class Trainer:
       eval_metrics: Likewise for ``eval_step``; reported with a ``val_`` prefix.
       callbacks: :class:`Callback` objects.
       verbose: 0 quiet, 1 one line per epoch, 2 a progress bar (always on the chief only).
+      print_fn: Where the epoch lines go (default ``print``).
       log_every_steps: Every so many train steps, reduce the running loss, metrics, LR and throughput
         over all processes and call the callbacks' ``on_step_logs`` (one all-reduce). 0 turns this off;
         None (default) uses 50 when a progress bar or a callback consumes step logs, else 0. The
@@ -154,7 +155,7 @@ class Trainer:
 
     def save_model(self, path: str, *, model: keras.Model | None = None, overwrite: bool = False) -> str:
         """Saves a model for serving, once, from the chief; call it on every process (they return when the
-        copy is complete, so any may load it; see :mod:`disttrain.serving`).
+        copy is complete, so any may load it). See :func:`disttrain.serving.save_model`.
 
         Args:
           path: ``*.keras``: a Keras file (``keras.models.load_model``); else a SavedModel for serving.
@@ -163,17 +164,9 @@ class Trainer:
 
         Returns:
           ``path``.
-
-        Raises:
-          ValueError: If the trainer has several models and ``model`` is not given.
-          FileExistsError: If ``path`` exists and ``overwrite`` is False.
         """
-        if model is None:
-            if len(self.models) > 1:
-                raise ValueError(f"save_model: the trainer has {len(self.models)} models "
-                                 f"({', '.join(m.name for m in self.models)}); pass model=the_one_to_save")
-            model = self.models[0]
-        return serving.save_model(model=model, backend=self.backend, path=path, overwrite=overwrite)
+        return serving.save_model(model=model, models=self.models, backend=self.backend, path=path,
+                                  overwrite=overwrite)
 
     # -- compiled steps ------------------------------------------------------------------------
     def _function(self, kind: str, global_batch_size: int, *, gradients: bool = False,
@@ -377,6 +370,10 @@ class Trainer:
             flag and ``every_seconds`` (a stop waits for the running call, up to K steps). Pipelines of
             unknown length run one step per call.
 
+        Returns:
+          ``trainer.history`` (kept over ``fit`` calls): per epoch each returned value, metric, ``val_*``, ``lr``,
+          ``examples_per_sec`` and ``step_time`` (leaving out the calls that traced, unless all did).
+
         Raises:
           ValueError: For a global batch that does not split over the replicas, an infinite dataset
             without ``steps_per_epoch``, examples that are batched or do not fit the model, or a
@@ -484,6 +481,9 @@ class Trainer:
           steps: Steps to run (default one pass; required for infinite datasets).
           remainder: ``"pad"`` (exact) or ``"drop"``.
           steps_per_execution: Steps per compiled call, as for :meth:`fit`.
+
+        Returns:
+          ``{name: value}``: each returned value (mean per real example) and each ``eval_metrics`` result.
 
         Raises:
           ValueError: If the trainer has no ``eval_step``, or for bad input as in :meth:`fit`.
