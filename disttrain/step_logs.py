@@ -12,7 +12,8 @@ sums, window seconds, metric states) are summed over all processes once. Callbac
   * each metric: computed from its globally merged state (see :mod:`disttrain.metrics`);
   * ``lr``: the learning rate of the next step;
   * ``examples_per_sec``: global examples per second over the steps since the last logging step;
-  * ``step_time``: seconds per step over the same window (the mean over processes).
+  * ``step_time``: seconds per step over the same window (the mean over processes). Both leave out
+    the calls that traced a step function (:meth:`StepLogger.exclude`), unless all of the window's did.
 
 Gradient histograms work the same way: at histogram steps the trainer runs a variant of the step that
 also returns the local gradients, and one all-reduce sums them into the global gradient.

@@ -7,7 +7,7 @@ Tags (one run directory, one event file, written by the chief process only):
 
   * ``step/<name>`` every ``log_every_steps`` train steps (x = global step): the loss and other step
     outputs (running mean over the epoch so far), every metric (from merged states), ``lr``,
-    ``examples_per_sec`` (global) and ``step_time`` (seconds);
+    ``examples_per_sec`` (global) and ``step_time`` (seconds), both without the calls that traced;
   * ``epoch/<name>`` after every epoch (x = epoch, 0-based): the same names plus ``val_<name>`` for
     evaluation — exactly the numbers in ``trainer.history``;
   * ``weights/<variable path>`` and ``gradients/<variable path>`` histograms every
@@ -15,6 +15,9 @@ Tags (one run directory, one event file, written by the chief process only):
   * ``config``: the run configuration as a Markdown table (text summary, step 0);
   * with ``profile_steps=(first, last)``: a TensorFlow profiler trace of those global train steps under
     ``<logdir>/plugins/profile/`` (TensorBoard's Profile tab, from ``tensorboard-plugin-profile``).
+
+Scalars are scalar-plugin tensor events, as ``tf.summary.scalar`` writes them: read them back with
+``EventAccumulator.Tensors(tag)``, not ``Scalars(tag)``.
 
 Non-chief processes create no writer, no directory and no file. Writer creation and flushing are
 local file operations; every collective the values need is done by the trainer on every process.

@@ -191,7 +191,7 @@ class Trainer:
                    steps: int | None, seed: int | None, remainder: str = "drop",
                    metrics: Sequence[keras.metrics.Metric] = (), step_logger: step_logs.StepLogger | None = None,
                    resume: Progress | None = None, steps_per_execution: int = 1
-                   ) -> tuple[dict[str, float], int, float]:
+                   ) -> tuple[dict[str, float], int, float, float]:
         """Runs one epoch (from ``resume``'s position when given) and returns ``(logs, steps timed, their
         seconds, this process's seconds left out)``: the calls that traced a step function are not timed,
         unless all did. Every process runs the same steps and gets the same logs and timing."""
