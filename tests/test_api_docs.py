@@ -37,3 +37,34 @@ def test_the_reference_is_generated_from_the_docstrings():
     text = (ROOT / "docs" / "api.md").read_text()
     assert text == gen_api.render(), "docs/api.md is stale: run `make docs` (python3 scripts/gen_api.py)"
     assert "`disttrain.Trainer(*, model: keras.Model | Sequence[keras.Model]" in text
+
+
+def test_the_porting_guide_and_readme_name_only_what_exists():
+    """Every ``dt.*``, ``backend.*``, ``ctx.*`` and ``trainer.*`` name in the code of docs/porting.md and
+    the README is a documented public name (or an attribute its class documents): the guide cannot go
+    stale either."""
+    import re
+
+    entries = {e.qualname: e for e in gen_api.entries()}
+    owners = {"dt": "disttrain", "backend": "disttrain.Backend", "ctx": "disttrain.StepContext",
+              "trainer": "disttrain.Trainer"}
+    unknown, checked = [], 0
+    for page in ("docs/porting.md", "README.md"):
+        text = (ROOT / page).read_text()
+        code = re.findall(r"```python\n(.*?)```", text, re.S) + re.findall(r"`([^`\n]+)`", text)
+        for snippet in code:
+            for owner, name in re.findall(r"(?<![\w.])(dt|backend|ctx|trainer)\.([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)",
+                                          snippet):
+                if name == "py":  # a file (trainer.py)
+                    continue
+                checked += 1
+                qualname = f"{owners[owner]}.{name}"
+                head, _, attribute = qualname.rpartition(".")
+                if qualname in entries or (head in entries and re.search(rf"^\s*{attribute}:", entries[head].doc, re.M)):
+                    continue
+                if owner == "dt" and name.split(".")[0] in ("data", "lr", "metrics", "serving", "shards", "summaries",
+                                                             "__version__") and "." not in name:
+                    continue  # a submodule itself
+                unknown.append(f"{page}: {owner}.{name}")
+    assert checked > 50, checked
+    assert unknown == [], sorted(set(unknown))
