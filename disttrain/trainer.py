@@ -99,6 +99,7 @@ class Trainer:
                  log_every_steps: int | None = None, checkpointing: Checkpointing | None = None,
                  accumulation_steps: int = 1, on_nonfinite: str = "raise", step_timeout: float | None = None,
                  drift_check_every_steps: int = 0):
+        """Creates the trainer; its arguments (Args), errors (Raises) and behaviour: the class docstring."""
         self.backend = backend or get_backend("auto")
         self.on_nonfinite = nonfinite.check_policy(on_nonfinite)
         self._nonfinite = nonfinite.Monitor(policy=on_nonfinite, backend=self.backend, print_fn=print_fn)
@@ -182,8 +183,7 @@ class Trainer:
         return self._functions[key]
 
     def reset_compiled_steps(self) -> None:
-        """Drops the traced steps so the next step is traced again (e.g. after the optimizer's learning
-        rate object was replaced: a traced step keeps applying the one it captured)."""
+        """Drops the traced steps, so the next is traced again (e.g. after the optimizer's LR object changed)."""
         self._functions.clear()
         self._called.clear()
 
