@@ -63,21 +63,21 @@ def _fit(backend, model, epochs=1, **trainer_args):
     return trainer, x
 
 
-@pytest.mark.parametrize("name", ["model.keras", "serving"])
-def test_save_model_writes_once_and_loads_back(backend, tmp_path, name):
+def test_save_model_writes_once_and_loads_back(backend, tmp_path):
     trainer, x = _fit(backend, _dense(backend, "regression"), verbose=0)
-    path = str(tmp_path / "out" / name)
-    assert trainer.save_model(path) == path
     expected = trainer.model(x).numpy()
-    if name.endswith(".keras"):
-        served = keras.models.load_model(path)(x).numpy()
-    else:
-        loaded = tf.saved_model.load(path)  # keep it referenced while serve() runs (it holds the variables)
-        served = loaded.serve(x).numpy()
-    np.testing.assert_array_equal(served, expected)
-    with pytest.raises(FileExistsError, match=r"save_model: '.*' exists; pass overwrite=True"):
-        trainer.save_model(path)
-    trainer.save_model(path, overwrite=True)
+    for name in ("model.keras", "serving"):
+        path = str(tmp_path / "out" / name)
+        assert trainer.save_model(path) == path
+        if name.endswith(".keras"):
+            served = keras.models.load_model(path)(x).numpy()
+        else:
+            loaded = tf.saved_model.load(path)  # keep it referenced while serve() runs (it holds the variables)
+            served = loaded.serve(x).numpy()
+        np.testing.assert_array_equal(served, expected)
+        with pytest.raises(FileExistsError, match=r"save_model: '.*' exists; pass overwrite=True"):
+            trainer.save_model(path)
+        trainer.save_model(path, overwrite=True)
 
 
 def test_save_model_with_several_models_needs_the_model(backend, tmp_path):
