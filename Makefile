@@ -8,7 +8,7 @@ export DISTTRAIN_VENV := $(VENV)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export DISTTRAIN_THREADS ?= 1
 
-.PHONY: setup demo test bench info clean
+.PHONY: setup demo test bench info docs clean
 
 setup:
 	@bash scripts/setup.sh
@@ -25,6 +25,9 @@ test: setup
 
 bench: setup
 	$(PY) bench/run.py --out docs/benchmarks.md
+
+docs:  # docs/api.md from the docstrings (no TensorFlow needed: the sources are read, not imported)
+	python3 scripts/gen_api.py
 
 info: setup
 	$(VENV)/bin/disttrain info
