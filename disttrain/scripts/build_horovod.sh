@@ -91,6 +91,8 @@ debian_cuda() {
          "$keyring" unstable > "$tmp/sources.list"
   local apt=(-o Dir::Etc::SourceList="$tmp/sources.list" -o Dir::Etc::SourceParts=/dev/null
              -o Dir::State::Lists="$tmp/lists" -o Dir::Cache="$tmp/cache" -o Debug::NoLocking=1)
+  # as root, apt would hand the download to its _apt user, who cannot write into the private directory
+  [ "$(id -u)" = 0 ] && apt+=(-o APT::Sandbox::User=root)
   log "no CUDA 12 nvcc here: fetching Debian's CUDA $(version_of CUDA_COMPILER) compiler (about 1 GB) into $dest"
   if ! { apt-get "${apt[@]}" -qq update && (cd "$tmp" && apt-get "${apt[@]}" -qq download \
            "nvidia-cuda-toolkit=$(version_of DEBIAN_CUDA_TOOLKIT)" "nvidia-cuda-dev=$(version_of DEBIAN_CUDA_DEV)" \
@@ -144,7 +146,7 @@ patch_for_gpu() {
 }
 
 setup_gpu_build() {
-  # Exports what Horovod's CMake needs for HOROVOD_GPU_OPERATIONS=NCCL (see "GPU build" above); $1 = work dir.
+  # Exports what Horovod's CMake needs for HOROVOD_GPU_OPERATIONS=NCCL (see "GPU build" above).
   local site nccl major cuda
   site=$("$VPY" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
   nccl=${HOROVOD_NCCL_HOME:-$site/nvidia/nccl}
@@ -175,11 +177,14 @@ setup_gpu_build() {
   export PATH="$cuda/bin:$PATH"
   export HOROVOD_BUILD_CUDA_CC_LIST=${HOROVOD_BUILD_CUDA_CC_LIST:-$(version_of CUDA_ARCHITECTURES)}
   if [ -z "${HOROVOD_NCCL_HOME:-}" ]; then
-    # FindNCCL wants include/ and lib/libnccl.so; the wheel has lib/libnccl.so.2 only.
-    mkdir -p "$1/nccl/lib"
-    ln -s "$nccl/include" "$1/nccl/include"
-    ln -s "$nccl/lib/libnccl.so.2" "$1/nccl/lib/libnccl.so"
-    export HOROVOD_NCCL_HOME="$1/nccl" HOROVOD_NCCL_LINK=${HOROVOD_NCCL_LINK:-SHARED}
+    # FindNCCL wants include/ and lib/libnccl.so; the wheel has lib/libnccl.so.2 only. The shim lives in the
+    # cache, not in /tmp: CMake writes its lib/ into mpi_lib.so's RUNPATH (after $ORIGIN's), and a RUNPATH
+    # into a world-writable directory would let anyone plant a library there.
+    local shim="$CACHE/nccl-shim"
+    rm -rf "$shim"; mkdir -p "$shim/lib"
+    ln -s "$nccl/include" "$shim/include"
+    ln -s "$nccl/lib/libnccl.so.2" "$shim/lib/libnccl.so"
+    export HOROVOD_NCCL_HOME="$shim" HOROVOD_NCCL_LINK=${HOROVOD_NCCL_LINK:-SHARED}
     # horovod/tensorflow/mpi_lib.so needs libnccl.so.2 when imported, before TensorFlow (or on a CPU machine,
     # never) loads it: look for it in site-packages/nvidia/nccl/lib.
     export LDFLAGS="${LDFLAGS:-} -Wl,-rpath,\$ORIGIN/../../nvidia/nccl/lib"
@@ -212,7 +217,7 @@ if [ -z "$WHEEL" ]; then
   esac
   WORK=$(mktemp -d)
   trap 'rm -rf "$WORK"' EXIT
-  if [ "$GPU" = 1 ]; then setup_gpu_build "$WORK"; fi  # before any download: fails fast without CUDA 12
+  if [ "$GPU" = 1 ]; then setup_gpu_build; fi  # before any download: fails fast without CUDA 12
   "$VPY" -m pip download -q --no-deps --no-binary :all: -d "$WORK" "horovod==$VERSION"
   tar -xzf "$WORK"/horovod-$VERSION.tar.gz -C "$WORK"
   SRC="$WORK/horovod-$VERSION"
