@@ -27,7 +27,8 @@ bench: setup
 	$(PY) bench/run.py --out docs/benchmarks.md
 
 # Horovod with NCCL GPU operations, in its own virtualenv (GPU_VENV) with tensorflow[and-cuda]: compiles on a
-# machine without a GPU (docs/gpu.md). About 15 minutes on 2 cores the first time (plus ~3.5 GB of wheels).
+# machine without a GPU (docs/gpu.md). About 20 minutes on 2 cores the first time (plus ~4 GB of CUDA wheels
+# and, without a CUDA 12 nvcc, 1 GB of Debian's CUDA 12.5 compiler packages); the wheel is cached.
 GPU_VENV ?= $(CURDIR)/.gpuvenv
 gpu-build:
 	DISTTRAIN_VENV=$(GPU_VENV) DISTTRAIN_EXTRA=gpu DISTTRAIN_GPU=1 bash scripts/setup.sh

@@ -372,6 +372,7 @@ class Doctor:
         return f"{nccl_version(path)} loads from {path}"
 
     def check_mirrored(self) -> str:
+        from disttrain.backends.devices import mirrored_cross_device_ops
         from disttrain.backends.mirrored import MirroredBackend
         from disttrain.backends.single import SingleBackend
 
@@ -383,7 +384,7 @@ class Doctor:
         diff = _compare(equivalence_weights(mirrored, global_batch=self.global_batch), self.reference)
         if not diff <= TOLERANCE:
             raise DoctorError(f"Mirrored over {len(devices)} devices ends {diff:.2e} away from one device (> {TOLERANCE})")
-        cross = type(mirrored.strategy.extended._cross_device_ops).__name__
+        cross = type(mirrored_cross_device_ops(devices)).__name__  # the backend's own choice
         return f"{len(devices)} replicas ({cross}), largest relative difference {diff:.1e} <= {TOLERANCE}"
 
     def check_horovodrun(self) -> str:
