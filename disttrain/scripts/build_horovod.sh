@@ -196,7 +196,16 @@ if [ -x "$BIN/horovodrun" ] && check_build; then
   exit 0
 fi
 
-TF_VER=$("$VPY" -c 'import tensorflow as tf; print(tf.__version__)')
+# TensorFlow's version from its metadata (importing TensorFlow costs seconds); an import if neither wheel is named.
+TF_VER=$("$VPY" -c '
+import importlib.metadata as m
+for name in ("tensorflow", "tensorflow-cpu"):
+    try:
+        print(m.version(name)); break
+    except m.PackageNotFoundError:
+        pass
+else:
+    import tensorflow as tf; print(tf.__version__)')
 PY_TAG=$("$VPY" -c 'import sys; print(f"cp{sys.version_info[0]}{sys.version_info[1]}")')
 OPS=cpu; [ "$GPU" = 1 ] && OPS=nccl
 [ "$WITH_MPI" = 1 ] || OPS="$OPS-nompi"
