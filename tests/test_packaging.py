@@ -74,6 +74,7 @@ def test_wheel_installs_into_a_fresh_virtualenv_and_imports(tmp_path):
         names = z.namelist()
         metadata = z.read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert "disttrain/scripts/build_horovod.sh" in names
+    assert "disttrain/gpu_versions.py" in names  # the build script reads it beside itself (../gpu_versions.py)
     assert 'Requires-Dist: tensorflow-cpu==2.21.0; extra == "cpu"' in metadata
     assert 'Requires-Dist: tensorflow[and-cuda]==2.21.0; extra == "gpu"' in metadata
     venv = tmp_path / "venv"
@@ -106,7 +107,8 @@ def test_wheel_installs_into_a_fresh_virtualenv_and_imports(tmp_path):
 def test_help_does_not_import_tensorflow():
     code = ("import sys, contextlib, io\nfrom disttrain import cli\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
-            "    for argv in (['--help'], ['launch', '--help'], ['install-horovod', '--help'], ['slurm', '--help']):\n"
+            "    for argv in (['--help'], ['launch', '--help'], ['install-horovod', '--help'], ['slurm', '--help'],\n"
+            "                 ['doctor', '--help']):\n"
             "        try: cli.main(argv)\n        except SystemExit: pass\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'horovod')))")
     proc = subprocess.run([sys.executable, "-c", code], env=base_env(), capture_output=True, text=True, timeout=60)
