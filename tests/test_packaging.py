@@ -48,10 +48,10 @@ def test_one_copy_of_the_horovod_recipe():
     assert holders == ["disttrain/scripts/build_horovod.sh"], holders
 
 
-def test_entrypoint_runs_horovodrun_on_every_gpu_or_the_given_command(tmp_path):
+def test_entrypoint_runs_horovodrun_under_disttrain_run_on_every_gpu_or_the_given_command(tmp_path):
     (tmp_path / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: A100 (UUID: a)'\necho 'GPU 1: A100 (UUID: b)'\n")
-    (tmp_path / "horovodrun").write_text('#!/bin/sh\necho "horovodrun $*"\n')
-    for tool in ("nvidia-smi", "horovodrun"):
+    (tmp_path / "disttrain").write_text('#!/bin/sh\necho "disttrain $*"\n')
+    for tool in ("nvidia-smi", "disttrain"):
         (tmp_path / tool).chmod(0o755)
     env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
 
@@ -59,8 +59,9 @@ def test_entrypoint_runs_horovodrun_on_every_gpu_or_the_given_command(tmp_path):
         return subprocess.run([str(ROOT / "docker" / "entrypoint.sh"), *args], env={**env, **extra},
                               capture_output=True, text=True, timeout=30, check=True).stdout
 
-    assert entry("train.py", "--epochs", "2") == "horovodrun -np 2 -H localhost:2 python train.py --epochs 2\n"
-    assert entry("train.py", DISTTRAIN_NP="3") == "horovodrun -np 3 -H localhost:3 python train.py\n"
+    assert entry("train.py", "--epochs", "2") == \
+        "disttrain run -- horovodrun -np 2 -H localhost:2 python train.py --epochs 2\n"
+    assert entry("train.py", DISTTRAIN_NP="3") == "disttrain run -- horovodrun -np 3 -H localhost:3 python train.py\n"
     assert entry("echo", "any", "command") == "any command\n"
 
 
