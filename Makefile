@@ -8,7 +8,7 @@ export DISTTRAIN_VENV := $(VENV)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 export DISTTRAIN_THREADS ?= 1
 
-.PHONY: setup demo test bench info clean
+.PHONY: setup demo test bench info docs clean gpu-build
 
 setup:
 	@bash scripts/setup.sh
@@ -25,6 +25,18 @@ test: setup
 
 bench: setup
 	$(PY) bench/run.py --out docs/benchmarks.md
+
+docs:  # docs/api.md from the docstrings (no TensorFlow needed: the sources are read, not imported)
+	python3 scripts/gen_api.py
+
+# Horovod with NCCL GPU operations, in its own virtualenv (GPU_VENV) with tensorflow[and-cuda]: compiles on a
+# machine without a GPU (docs/gpu.md). About 20 minutes on 2 cores the first time (plus ~4 GB of CUDA wheels
+# and, without a CUDA 12 nvcc, 1 GB of Debian's CUDA 12.5 compiler packages); the wheel is cached.
+GPU_VENV ?= $(CURDIR)/.gpuvenv
+gpu-build:
+	DISTTRAIN_VENV=$(GPU_VENV) DISTTRAIN_EXTRA=gpu DISTTRAIN_GPU=1 bash scripts/setup.sh
+	$(GPU_VENV)/bin/horovodrun --check-build
+	$(GPU_VENV)/bin/disttrain doctor
 
 info: setup
 	$(VENV)/bin/disttrain info

@@ -39,7 +39,7 @@ _NAMES = {
     "TensorBoard": "disttrain.summaries",
 }
 #: Submodules reachable as ``dt.data``, ``dt.lr``, ...
-_SUBMODULES = ("data", "lr", "metrics", "shards", "summaries")
+_SUBMODULES = ("data", "lr", "metrics", "serving", "shards", "summaries")
 
 __all__ = sorted([*_NAMES, *_SUBMODULES, "__version__"])
 
@@ -60,7 +60,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
-    from disttrain import data, lr, metrics, shards, summaries  # noqa: F401
+    from disttrain import data, lr, metrics, serving, shards, summaries  # noqa: F401
     from disttrain.backends import Backend, GradientOptions, InputContext, detect, get_backend  # noqa: F401
     from disttrain.callbacks import Callback, current_learning_rate  # noqa: F401
     from disttrain.backends.failures import CollectiveError  # noqa: F401

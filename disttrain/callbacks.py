@@ -25,27 +25,59 @@ class Callback:
     wants_gradients: bool = False
 
     def on_train_begin(self, trainer: "Trainer") -> None:
-        pass
+        """When ``fit`` starts (after a checkpoint, if any, was restored).
+
+        Args:
+          trainer: The running :class:`disttrain.Trainer`.
+        """
 
     def on_train_end(self, trainer: "Trainer", logs: dict[str, float]) -> None:
-        """After the last epoch; ``logs`` are the last epoch's logs."""
+        """After the last epoch (also after a preemption, before the exit).
+
+        Args:
+          trainer: The running :class:`disttrain.Trainer`.
+          logs: The last epoch's logs.
+        """
 
     def on_step_logs(self, trainer: "Trainer", step: int, logs: dict[str, float]) -> None:
         """Every ``log_every_steps`` train steps, with the running epoch values reduced over all processes.
 
-        ``step`` is the global train step (continues across epochs); ``trainer.epoch``,
-        ``trainer.epoch_step`` and ``trainer.epoch_steps`` say where in the epoch it is.
+        Args:
+          trainer: The running :class:`disttrain.Trainer`; ``trainer.epoch``, ``trainer.epoch_step`` and
+            ``trainer.epoch_steps`` say where in the epoch it is.
+          step: The global train step (continues across epochs).
+          logs: Each step output's running mean over the epoch, each metric, ``lr``, and
+            ``examples_per_sec`` / ``step_time`` over the steps since the last call (the calls that
+            traced a step function left out, see ``disttrain.step_logs``).
         """
 
     def on_histograms(self, trainer: "Trainer", step: int, gradients: dict) -> None:
-        """Every ``histogram_every_steps`` steps; ``gradients`` maps variable paths to the global gradients
-        (summed over all replicas, i.e. what the optimizer applied) when ``wants_gradients``, else is empty."""
+        """Every ``histogram_every_steps`` train steps.
+
+        Args:
+          trainer: The running :class:`disttrain.Trainer`.
+          step: The global train step.
+          gradients: Variable paths to the global gradients (summed over all replicas, i.e. what the
+            optimizer applied) when ``wants_gradients``, else empty.
+        """
 
     def on_epoch_begin(self, trainer: "Trainer", epoch: int) -> None:
-        pass
+        """Before an epoch's first step.
+
+        Args:
+          trainer: The running :class:`disttrain.Trainer`.
+          epoch: The epoch's index (0-based).
+        """
 
     def on_epoch_end(self, trainer: "Trainer", epoch: int, logs: dict[str, float]) -> None:
-        pass
+        """After an epoch (and its validation), before its logs join the history.
+
+        Args:
+          trainer: The running :class:`disttrain.Trainer`.
+          epoch: The epoch's index (0-based).
+          logs: The epoch's global values: step outputs, metrics, ``val_*``, ``lr``, ``examples_per_sec``
+            and ``step_time`` (the calls that traced a step function left out, unless all did).
+        """
 
 
 def dispatch(callbacks: Sequence[Callback], hook: str, trainer: "Trainer", *args: Any,
@@ -61,7 +93,11 @@ def dispatch(callbacks: Sequence[Callback], hook: str, trainer: "Trainer", *args
 
 
 def current_learning_rate(optimizer: keras.optimizers.Optimizer) -> float:
-    """The learning rate the optimizer applies at its next step (evaluates schedules)."""
+    """The learning rate the optimizer applies at its next step (evaluates schedules).
+
+    Args:
+      optimizer: A Keras optimizer.
+    """
     lr = optimizer._get_current_learning_rate() if hasattr(optimizer, "_get_current_learning_rate") \
         else optimizer.learning_rate
     return float(np.asarray(lr))

@@ -143,6 +143,20 @@ class Checkpointing:
                 f"every_seconds={self.every_seconds}, keep={self.keep})")
 
 
+def session(config: Checkpointing | None, *, trainer: "Trainer") -> "CheckpointSession | None":
+    """The trainer's :class:`CheckpointSession` for ``Trainer(checkpointing=config)`` (None for None).
+
+    Raises:
+      TypeError: If ``config`` is not a :class:`Checkpointing`.
+    """
+    if config is None:
+        return None
+    if not isinstance(config, Checkpointing):
+        raise TypeError(f"checkpointing must be a disttrain.Checkpointing, got {config!r}; e.g. "
+                        "checkpointing=dt.Checkpointing('runs/exp/ckpt', every_steps=500)")
+    return CheckpointSession(config=config, trainer=trainer)
+
+
 class CheckpointSession:
     """Binds a :class:`Checkpointing` to one trainer (made by the trainer; not public API).
 

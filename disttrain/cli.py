@@ -1,4 +1,4 @@
-"""The ``disttrain`` command: ``info``, ``launch``, ``run``, ``install-horovod`` and ``slurm``.
+"""The ``disttrain`` command: ``info``, ``doctor``, ``launch``, ``run``, ``install-horovod`` and ``slurm``.
 
 Nothing heavy is imported before a subcommand needs it: ``disttrain --help`` answers without loading
 TensorFlow.
@@ -132,6 +132,13 @@ def _install_horovod(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     return install_horovod(gpu=args.gpu, cache=args.cache, dry_run=args.dry_run)
 
 
+def _doctor(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from disttrain.doctor import Doctor
+
+    return Doctor(steps=args.steps, per_gpu_batch=args.batch_per_gpu, simulate_gpus=args.simulate_gpus).run()
+
+
 def _slurm(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from disttrain.launcher import slurm
 
@@ -238,6 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", metavar="DIR", default=None, help="wheel cache (default ~/.cache/disttrain)")
     p.add_argument("--dry-run", action="store_true", help="print the build command without running it")
     p.set_defaults(run=_install_horovod, subparser=p)
+
+    p = sub.add_parser("doctor", help="check this GPU host: versions, NCCL, a short real job (CPU parts without GPU)",
+                       description="Check a GPU host: the GPUs TensorFlow sees, CUDA/cuDNN/NCCL, Horovod built with "
+                                   "NCCL, then Mirrored and horovodrun -np <GPUs> matching one GPU, mixed_float16 and "
+                                   "a throughput figure. Stops with exit code 1 at the first failure. Without a GPU: "
+                                   "the CPU parts, then exit 0. See docs/gpu.md.")
+    p.add_argument("--steps", type=int, default=30, metavar="N", help="timed steps of each throughput figure (default 30)")
+    p.add_argument("--batch-per-gpu", type=int, default=64, metavar="N", help="images per GPU per step (default 64)")
+    p.add_argument("--simulate-gpus", type=int, default=0, metavar="N",
+                   help="on a machine without GPUs: run the GPU checks on N logical CPU devices / CPU ranks")
+    p.set_defaults(run=_doctor, subparser=p)
 
     p = sub.add_parser("slurm", help="TF_CONFIG or a Horovod host list from SLURM's variables",
                        description="Inside a SLURM job step: print this task's TF_CONFIG, or the host list "

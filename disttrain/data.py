@@ -88,6 +88,12 @@ class Source:
         """The sharding used for ``context``: ``files``, ``elements`` or ``off``.
 
         Warns (and uses ``elements``) when file sharding would leave a pipeline without files.
+
+        Args:
+          context: The process's :class:`disttrain.InputContext`.
+
+        Raises:
+          ValueError: For ``sharding="files"`` without files.
         """
         if self.sharding == "off":
             return "off"
@@ -110,8 +116,18 @@ class Source:
                     remainder: str = "drop") -> int | None:
         """Steps :meth:`build` gives for ``context``, from the known lengths, without building it.
 
-        Returns None when the length is unknown (then build the dataset and ask its cardinality), and
-        a huge number for an infinite dataset.
+        Args:
+          context: The process's :class:`disttrain.InputContext`.
+          seed: The shuffle seed (file sharding: which files this pipeline reads).
+          epoch: The epoch (likewise).
+          remainder: ``"drop"`` or ``"pad"`` the last partial batch.
+
+        Returns:
+          The steps; None when the length is unknown (then build the dataset and ask its cardinality),
+          and a huge number for an infinite dataset.
+
+        Raises:
+          ValueError: For an empty dataset, or one smaller than a global batch with ``remainder="drop"``.
         """
         mode = self.mode(context)
         if self.files is None:
@@ -140,7 +156,15 @@ class Source:
 
     def build(self, context: InputContext, *, seed: int | None = None, epoch: int = 0, remainder: str = "drop",
               pad_to_steps: int | None = None) -> tf.data.Dataset:
-        """This pipeline's dataset of per-replica batches (see the module docs)."""
+        """This pipeline's dataset of per-replica batches (see the module docs).
+
+        Args:
+          context: The process's :class:`disttrain.InputContext`.
+          seed: Shuffle seed (None: no shuffle).
+          epoch: The epoch (mixed into the shuffle).
+          remainder: ``"drop"`` or ``"pad"`` (padded batches carry a mask).
+          pad_to_steps: With ``"pad"``: pad this pipeline to this many steps (every rank runs alike).
+        """
         mode = self.mode(context)
         common = dict(seed=seed, epoch=epoch, shuffle_buffer=self.shuffle_buffer, remainder=remainder,
                       pad_to_steps=pad_to_steps)

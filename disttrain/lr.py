@@ -105,7 +105,11 @@ _CONTROLLERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # optim
 
 
 def controller_of(optimizer: Any) -> "LRController | None":
-    """The :class:`LRController` installed in ``optimizer``, or None."""
+    """The :class:`LRController` installed in ``optimizer``, or None.
+
+    Args:
+      optimizer: A Keras optimizer.
+    """
     return _CONTROLLERS.get(optimizer)
 
 
@@ -223,6 +227,9 @@ class LRController(Callback, tf.Module):
     def set_base_learning_rate(self, value: float) -> None:
         """Sets the base LR (when the base is a float): scaling, warmup and rules still apply on top.
 
+        Args:
+          value: The new base learning rate.
+
         Raises:
           TypeError: If the base is a schedule.
           ValueError: For a negative or non-finite value.
@@ -254,6 +261,9 @@ class LRController(Callback, tf.Module):
     def lr_at(self, step: int) -> float:
         """The LR step ``step`` applies with the current state (for logging or plotting).
 
+        Args:
+          step: A global step (0-based: the optimizer's ``iterations`` before the step).
+
         Raises:
           RuntimeError: If the controller is not installed yet.
         """
@@ -264,7 +274,11 @@ class LRController(Callback, tf.Module):
 
     @property
     def learning_rate(self) -> float:
-        """The LR the optimizer applies at its next step (identical on every rank)."""
+        """The LR the optimizer applies at its next step (identical on every rank).
+
+        Raises:
+          RuntimeError: If the controller is not installed yet.
+        """
         if self._installed is None:
             raise RuntimeError(f"LRController {self.name!r} is not installed; pass it to Trainer(callbacks=...) "
                                "or call install(optimizer, backend=...)")
@@ -331,6 +345,10 @@ class LRController(Callback, tf.Module):
 
 def set_learning_rate(optimizer: keras.optimizers.Optimizer, value: float) -> None:
     """Sets an optimizer's learning rate; with an :class:`LRController` installed, its base LR.
+
+    Args:
+      optimizer: A Keras optimizer.
+      value: The learning rate.
 
     Raises:
       TypeError: If the learning rate is a schedule (Keras cannot assign those): use an

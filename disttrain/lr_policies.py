@@ -78,6 +78,10 @@ class LinearScaling:
     def factor(self, *, num_replicas: int, global_batch_size: int | None) -> float:
         """The multiplier for a run with ``num_replicas`` replicas and ``global_batch_size``.
 
+        Args:
+          num_replicas: Replicas of the run.
+          global_batch_size: Its global batch (None when unknown).
+
         Raises:
           ValueError: If the rule scales by batch and no global batch is known.
         """
@@ -140,7 +144,11 @@ class Rule(tf.Module):
         self.multiplier = state_variable(1.0, "multiplier")
 
     def setup(self, trainer: Any) -> None:
-        """Called when training starts, before any decision (e.g. to resolve a metric's direction)."""
+        """Called when training starts, before any decision (e.g. to resolve a metric's direction).
+
+        Args:
+          trainer: The :class:`disttrain.Trainer` (its ``metrics`` and ``eval_metrics``).
+        """
 
     def decide(self, *, epoch: int, logs: Mapping[str, float], lr: float) -> float | None:
         """Returns the new LR (applied from the next step on) or None for no change.

@@ -29,6 +29,9 @@ import tensorflow as tf
 
 from disttrain.backends.base import Backend
 
+#: The public part (``dt.metrics.*``); the rest serves the trainer's exact merging.
+__all__ = ["from_function", "merged_results", "merged_states", "local_results"]
+
 _SUMMED = ("sum", "mean")
 _FROM_FUNCTIONS: "weakref.WeakSet" = weakref.WeakSet()  # metrics made by from_function
 
@@ -185,6 +188,10 @@ def merged_states(backend: Backend, metrics: Iterable[keras.metrics.Metric]) -> 
     """Returns ``{metric: [global state values]}``: every replica's state merged exactly.
 
     All processes must call this together (it communicates once, whatever the number of metrics).
+
+    Args:
+      backend: The run's backend.
+      metrics: Keras metrics created in its scope.
     """
     vector, layout = pack_local_states(backend, metrics)
     if not layout.slots:
@@ -197,6 +204,10 @@ def merged_results(backend: Backend, metrics: Iterable[keras.metrics.Metric]) ->
 
     All processes must call this together. The metrics' own variables are left untouched (keep
     accumulating, or reset them yourself). Non-scalar results are flattened by :func:`result_items`.
+
+    Args:
+      backend: The run's backend.
+      metrics: Keras metrics created in its scope.
     """
     vector, layout = pack_local_states(backend, metrics)
     if not layout.slots:
@@ -205,9 +216,13 @@ def merged_results(backend: Backend, metrics: Iterable[keras.metrics.Metric]) ->
 
 
 def local_results(backend: Backend, metrics: Iterable[keras.metrics.Metric]) -> dict[str, float]:
-    """``{metric.name: float}`` from THIS process's replicas only (no communication).
+    """The results ``{metric.name: float}`` from THIS process's replicas only (no communication).
 
     For diagnostics and tests: the per-rank values whose average is NOT the global metric.
+
+    Args:
+      backend: The run's backend.
+      metrics: Keras metrics created in its scope.
     """
     results: dict[str, float] = {}
     for metric in metrics:

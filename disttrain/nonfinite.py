@@ -54,6 +54,7 @@ class NonFiniteError(FloatingPointError):
     """Raised on every rank after a step whose loss or gradients were not finite (``on_nonfinite="raise"``).
 
     Attributes:
+      message: What was not finite, at which step, on which rank(s), and the fix.
       steps: ``(first, last)`` global steps of the call that had it (equal with one step per call).
       ranks: Ranks where a value was not finite (empty: only the sum over the replicas overflowed).
     """
@@ -123,6 +124,30 @@ def pop_skips(sums: dict[str, float], *, steps: int) -> tuple[float, dict[str, f
     if skipped is None:
         return dropped, {}
     return dropped, {NONFINITE: skipped / steps if steps else 0.0, SKIPPED_STEPS: float(round(skipped))}
+
+
+def epoch_logs(reduced: Any, *, steps: int, global_batch_size: int, masked: bool) -> dict[str, float]:
+    """An epoch's logs from its reduced totals (``disttrain.totals``: ``sums``, ``real``, ``metrics``).
+
+    Step values are global-batch-scaled (like ``ctx.average_loss``): their sum over the epoch times the
+    global batch, over the examples, is the mean per example; padded examples and skipped steps count for
+    nothing.
+
+    Args:
+      reduced: The epoch's reduced totals.
+      steps: Steps of the epoch.
+      global_batch_size: Examples per step.
+      masked: Whether the input was padded (then ``reduced.real`` counts the real examples).
+
+    Returns:
+      The step values per example, the metrics and the skip records.
+    """
+    dropped, skips = pop_skips(reduced.sums, steps=steps)
+    examples = reduced.real if masked and reduced.real > 0 else (steps - dropped) * global_batch_size
+    logs = {n: v * global_batch_size / examples if examples else float("nan") for n, v in reduced.sums.items()}
+    logs.update(reduced.metrics)
+    logs.update(skips)
+    return logs
 
 
 class Monitor:

@@ -19,6 +19,7 @@ from disttrain.data_checks import check_unbatched
 
 AUTOTUNE = tf.data.AUTOTUNE
 REMAINDERS = ("drop", "pad")
+#: The key of the padding mask in a padded batch that is a dict (a tuple gets it as its last element).
 MASK_KEY = "mask"
 CHUNK = 256  # records read, shuffled and parsed together: per-record tf.data overhead dominates otherwise
 DEFAULT_WINDOW = 16_384  # default shuffle window of a pipeline's own examples
@@ -57,7 +58,11 @@ def pipeline_options() -> tf.data.Options:
 
 # -- masks and padding ----------------------------------------------------------------------------
 def mask_of(batch: Any) -> tf.Tensor:
-    """The padding mask of a batch made with ``remainder="pad"`` (1 for real examples, 0 for padding)."""
+    """The padding mask of a batch made with ``remainder="pad"`` (1 for real examples, 0 for padding).
+
+    Args:
+      batch: A padded batch: a dict (its :data:`MASK_KEY` entry) or a tuple (its last element).
+    """
     if isinstance(batch, dict):
         return batch[MASK_KEY]
     return batch[-1]

@@ -20,6 +20,8 @@ import numpy as np
 import tensorflow as tf
 
 MANIFEST = "shards.json"
+#: The public part (``dt.shards.*``); the rest serves ``disttrain.data.from_files``.
+__all__ = ["write_shards", "read_shards", "list_shards"]
 _FLOATS = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 _INTS = (tf.bool, tf.int8, tf.int16, tf.int32, tf.int64, tf.uint8, tf.uint16, tf.uint32)
 
@@ -186,6 +188,9 @@ def read_shards(files: Sequence[str] | str | os.PathLike, *, cycle_length: int =
       files: Shard file paths, or the directory they were written to (all its ``*.tfrecord`` shards).
       cycle_length: Files read in parallel (interleaved record by record).
 
+    Returns:
+      A ``tf.data.Dataset`` of the examples, as they were written.
+
     Raises:
       ValueError: If there are no files or they have no manifest.
     """
@@ -206,6 +211,9 @@ def read_shards(files: Sequence[str] | str | os.PathLike, *, cycle_length: int =
 
 def list_shards(files: Sequence[str] | str | os.PathLike) -> list[str]:
     """The shard paths: ``files`` itself, or the sorted ``*.tfrecord`` files of a directory.
+
+    Args:
+      files: Shard file paths, one path, or a directory.
 
     Raises:
       ValueError: If no files are given or found.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+import numpy as np
 import tensorflow as tf
 
 
@@ -82,3 +83,29 @@ def name(kind: str, step: int, count: int) -> str:
     if kind != "train":
         return "eval step"
     return f"train step {step + 1}" if count == 1 else f"train steps {step + 1}-{step + count} (one call)"
+
+
+def tracings(compiled: Any) -> int:
+    """How often a :class:`disttrain.step_functions.CompiledSteps`' functions were traced so far: a call that
+    changes it traced (the trainer leaves such calls out of the throughput it reports).
+
+    Args:
+      compiled: The compiled steps of one variant.
+
+    Returns:
+      The sum of their ``tf.function`` tracing counts.
+    """
+    return sum(f.experimental_get_tracing_count() for f in (compiled.run, compiled.run_many, compiled.run_batch))
+
+
+def check_steps_per_execution(value: Any) -> None:
+    """Checks ``fit``'s / ``evaluate``'s ``steps_per_execution``.
+
+    Args:
+      value: The value given.
+
+    Raises:
+      ValueError: Unless it is an int >= 1.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"steps_per_execution={value!r} must be an int >= 1 (steps run in one compiled call)")

@@ -15,6 +15,16 @@ from disttrain.backends import Backend
 class StepContext:
     """Handed to the user's step function: the few operations whose meaning depends on the backend.
 
+    The trainer creates it (one per compiled step variant); a step uses :meth:`average_loss`,
+    :meth:`scale_regularization_loss`, :meth:`apply_gradients` and :meth:`reduce_gradients`, and may read
+    ``ctx.num_replicas`` and ``ctx.global_batch_size``.
+
+    Args:
+      backend: The active backend.
+      global_batch_size: Examples per step over all replicas.
+      marker: The stall watchdog's in-graph marker (a ``disttrain.watchdog.GradientMarker``), or None.
+      on_nonfinite: See below.
+
     Attributes:
       backend: The active backend.
       global_batch_size: Examples per step over all replicas.
@@ -60,7 +70,15 @@ class StepContext:
         """This replica's share of the mean loss over the GLOBAL batch: ``sum(loss * w) / global_batch``.
 
         Summed over the replicas (which the gradient reduction does) it is the global mean loss, so the
-        gradients match a single device running the whole global batch.
+        gradients match a single device running the whole global batch. The counterpart of
+        ``tf.nn.compute_average_loss(per_example_loss, global_batch_size=...)``.
+
+        Args:
+          per_example_loss: One loss per example of this replica's batch (reduce any other axes first).
+          sample_weight: Optional weights per example (e.g. the ``mask`` of a padded batch).
+
+        Returns:
+          A scalar: ``sum(loss * w) / global_batch_size``.
         """
         per_example_loss = tf.convert_to_tensor(per_example_loss)
         if sample_weight is None and per_example_loss.shape.rank:
@@ -78,7 +96,16 @@ class StepContext:
 
     @tf.autograph.experimental.do_not_convert
     def scale_regularization_loss(self, loss: tf.Tensor) -> tf.Tensor:
-        """Divides a regularisation loss by the number of replicas (it is added once per replica)."""
+        """Divides a regularisation loss by the number of replicas (it is added once per replica), as
+        ``tf.nn.scale_regularization_loss``: ``loss = ctx.average_loss(...) +
+        ctx.scale_regularization_loss(tf.add_n(model.losses))``.
+
+        Args:
+          loss: The regularisation loss of the model (e.g. ``tf.add_n(model.losses)``).
+
+        Returns:
+          ``loss / num_replicas``.
+        """
         return loss / tf.cast(self.num_replicas, loss.dtype)
 
     @tf.autograph.experimental.do_not_convert
@@ -92,6 +119,15 @@ class StepContext:
             norm = tf.linalg.global_norm(ctx.reduce_gradients(grads))
             factor = tf.minimum(1.0, clip_norm / norm)
             ctx.apply_gradients(optimizer, [g * factor for g in grads], variables)
+
+        Args:
+          grads: This replica's gradients.
+
+        Returns:
+          The gradients summed over all replicas.
+
+        Raises:
+          ValueError: With ``accumulation_steps > 1`` (it would see one micro-batch only).
         """
         if getattr(self._pending, "updates", None) is not None:
             raise ValueError("ctx.reduce_gradients is not available with accumulation_steps > 1: it would see one "
@@ -104,7 +140,14 @@ class StepContext:
         """Sums ``grads`` over all replicas (once) and applies them with ``optimizer``.
 
         With gradient accumulation (``Trainer(accumulation_steps=K)``) the call only adds ``grads`` to
-        this update's sums; they are reduced and applied once, after the K-th micro-batch."""
+        this update's sums; they are reduced and applied once, after the K-th micro-batch. Call it once
+        per optimizer and step; a GAN calls it twice (discriminator, then generator).
+
+        Args:
+          optimizer: A Keras optimizer created in ``backend.scope()``.
+          grads: This replica's gradients of a loss scaled by :meth:`average_loss` (``tape.gradient``).
+          variables: The variables they belong to.
+        """
         pending = getattr(self._pending, "updates", None)
         if pending is not None:
             key = (id(optimizer), tuple(id(v) for v in variables))
@@ -168,9 +211,9 @@ class StepContext:
         return value
 
     def take_nonfinite(self) -> tf.Tensor | None:
-        """1.0 if an update of this replica's step was skipped for non-finite gradients (by a
-        ``LossScaleOptimizer``, or with ``on_nonfinite="skip"``), 0.0 if not, None if no such update ran;
-        resets the record."""
+        """Whether an update of this replica's step was skipped for non-finite gradients (by a
+        ``LossScaleOptimizer``, or with ``on_nonfinite="skip"``): 1.0, 0.0, or None if no such update ran;
+        resets the record (the trainer calls it while tracing)."""
         value = getattr(self._nonfinite, "value", None)
         self._nonfinite.value = None
         return value
@@ -179,6 +222,10 @@ class StepContext:
     def run_accumulated(self, micro_step: Callable[[Any], Any], micro_batches: list) -> list:
         """Runs ``micro_step`` on each micro-batch (at trace time, unrolled), summing the gradients each
         passes to :meth:`apply_gradients`; then reduces and applies each optimizer's sums once.
+
+        Args:
+          micro_step: ``fn(micro_batch)``: the user's step on one micro-batch.
+          micro_batches: The replica's batch split into ``accumulation_steps`` parts.
 
         Returns:
           The micro-steps' results, in order.

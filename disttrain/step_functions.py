@@ -44,6 +44,30 @@ class CompiledSteps:
     ctx: StepContext
 
 
+
+def check_micro_batches(global_batch_size: int, *, replicas: int, accumulation_steps: int) -> None:
+    """Checks that each replica's share of the global batch splits into ``accumulation_steps`` micro-batches.
+
+    Raises:
+      ValueError: If it does not, naming the multiple to use.
+    """
+    per_replica = global_batch_size // replicas
+    if per_replica % accumulation_steps:
+        raise ValueError(f"global batch {global_batch_size} gives {per_replica} examples a replica, which do not "
+                         f"split into accumulation_steps={accumulation_steps} micro-batches; use a multiple of "
+                         f"{replicas * accumulation_steps}")
+
+
+def check_accumulation_steps(value: Any) -> int:
+    """Checks ``Trainer(accumulation_steps=...)``; returns it as an int.
+
+    Raises:
+      ValueError: Unless it is an integer >= 1.
+    """
+    if int(value) != value or value < 1:
+        raise ValueError(f"accumulation_steps={value!r} must be an integer >= 1 (1 = no accumulation)")
+    return int(value)
+
 def named_gradients(pairs: list) -> dict[str, tf.Tensor]:
     """``{variable path: gradient}`` (a repeated variable gets a ``_<index>`` suffix)."""
     grads: dict[str, tf.Tensor] = {}

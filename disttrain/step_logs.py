@@ -12,7 +12,8 @@ sums, window seconds, metric states) are summed over all processes once. Callbac
   * each metric: computed from its globally merged state (see :mod:`disttrain.metrics`);
   * ``lr``: the learning rate of the next step;
   * ``examples_per_sec``: global examples per second over the steps since the last logging step;
-  * ``step_time``: seconds per step over the same window (the mean over processes).
+  * ``step_time``: seconds per step over the same window (the mean over processes). Both leave out
+    the calls that traced a step function (:meth:`StepLogger.exclude`), unless all of the window's did.
 
 Gradient histograms work the same way: at histogram steps the trainer runs a variant of the step that
 also returns the local gradients, and one all-reduce sums them into the global gradient.
@@ -114,6 +115,7 @@ class StepLogger:
         self.intervals = intervals
         self._last = time.perf_counter()
         self._last_step = 0
+        self._untimed = [0, 0.0]  # steps and seconds of this window's calls that traced (see exclude)
 
     def begin_epoch(self, *, steps: int | None, done: int = 0) -> None:
         """Starts the timing window; call just before an epoch's first step (or, resuming, the first
@@ -123,6 +125,7 @@ class StepLogger:
         self._profile(next_step=self.trainer.global_step + 1)
         self._last = time.perf_counter()
         self._last_step = done
+        self._untimed = [0, 0.0]
 
     def _profile(self, *, next_step: int) -> None:
         """Starts the callbacks' profiles that begin at ``next_step``, stops those that ended before it."""
@@ -132,6 +135,16 @@ class StepLogger:
                 callback.start_profile(self.trainer)
             elif window and next_step == window[1] + 1:
                 callback.stop_profile(self.trainer)
+
+    def exclude(self, *, steps: int, seconds: float) -> None:
+        """Leaves a call that traced a step function out of the window's throughput (unless every call of
+        the window traced).
+
+        Args:
+          steps: Steps the call ran.
+          seconds: Its wall time.
+        """
+        self._untimed = [self._untimed[0] + steps, self._untimed[1] + seconds]
 
     def wants_gradients(self, step: int) -> bool:
         """Whether global step ``step`` (1-based, the step about to run) must return its gradients."""
@@ -164,7 +177,9 @@ class StepLogger:
     def _reduce(self, *, epoch_step: int, totals: EpochTotals) -> dict[str, float]:
         trainer, backend = self.trainer, self.trainer.backend
         window_steps = epoch_step - self._last_step
-        reduced = totals.reduce(seconds=time.perf_counter() - self._last)
+        untimed_steps, untimed_seconds = self._untimed if self._untimed[0] < window_steps else (0, 0.0)
+        window_steps -= untimed_steps
+        reduced = totals.reduce(seconds=time.perf_counter() - self._last - untimed_seconds)
         dropped, skips = nonfinite.pop_skips(reduced.sums, steps=epoch_step)  # skipped steps' values are left out
         logs = {n: v / (epoch_step - dropped) if epoch_step > dropped else float("nan") for n, v in reduced.sums.items()}
         logs.update(reduced.metrics)
@@ -174,7 +189,7 @@ class StepLogger:
         if window_steps > 0 and seconds > 0:
             logs["examples_per_sec"] = window_steps * trainer.global_batch_size / seconds
             logs["step_time"] = seconds / window_steps
-        self._last, self._last_step = time.perf_counter(), epoch_step
+        self._last, self._last_step, self._untimed = time.perf_counter(), epoch_step, [0, 0.0]
         return logs
 
 

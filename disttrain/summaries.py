@@ -7,7 +7,7 @@ Tags (one run directory, one event file, written by the chief process only):
 
   * ``step/<name>`` every ``log_every_steps`` train steps (x = global step): the loss and other step
     outputs (running mean over the epoch so far), every metric (from merged states), ``lr``,
-    ``examples_per_sec`` (global) and ``step_time`` (seconds);
+    ``examples_per_sec`` (global) and ``step_time`` (seconds), both without the calls that traced;
   * ``epoch/<name>`` after every epoch (x = epoch, 0-based): the same names plus ``val_<name>`` for
     evaluation — exactly the numbers in ``trainer.history``;
   * ``weights/<variable path>`` and ``gradients/<variable path>`` histograms every
@@ -18,6 +18,9 @@ Tags (one run directory, one event file, written by the chief process only):
     over the steps, one point per formation;
   * with ``profile_steps=(first, last)``: a TensorFlow profiler trace of those global train steps under
     ``<logdir>/plugins/profile/`` (TensorBoard's Profile tab, from ``tensorboard-plugin-profile``).
+
+Scalars are scalar-plugin tensor events, as ``tf.summary.scalar`` writes them: read them back with
+``EventAccumulator.Tensors(tag)``, not ``Scalars(tag)``.
 
 Non-chief processes create no writer, no directory and no file. Writer creation and flushing are
 local file operations; every collective the values need is done by the trainer on every process.
@@ -42,6 +45,7 @@ from tensorboard.util import tensor_util
 
 from disttrain.callbacks import Callback
 
+__all__ = ["TensorBoard", "run_dir"]  # the public part (dt.summaries.*, dt.TensorBoard)
 HISTOGRAM_KINDS = ("weights", "gradients")
 HISTOGRAM_BUCKETS = 30  # TensorBoard's default
 _SCALAR_METADATA = scalar_metadata.create_summary_metadata(display_name=None, description=None)
@@ -80,6 +84,10 @@ def run_dir(root: str = "runs", name: str | None = None) -> str:
     """``root/name``, or ``root/<YYYYmmdd-HHMMSS>`` without a name. Creates nothing.
 
     Only the chief uses the directory, so a timestamp that differs between processes is harmless.
+
+    Args:
+      root: The parent directory.
+      name: The run's name (default: the time).
     """
     return os.path.join(root, name or time.strftime("%Y%m%d-%H%M%S"))
 
@@ -192,6 +200,11 @@ class TensorBoard(Callback):
 
     # -- profiler (chief only; called by the step logger at the window's edges) ---------------------
     def start_profile(self, trainer) -> None:
+        """Starts the TF profiler (chief only), just before global step ``profile_steps[0]``.
+
+        Args:
+          trainer: The running trainer.
+        """
         if not trainer.backend.is_chief or self._profiling:
             return
         os.makedirs(self.logdir, exist_ok=True)
@@ -199,6 +212,11 @@ class TensorBoard(Callback):
         self._profiling = True
 
     def stop_profile(self, trainer) -> None:
+        """Stops the profiler and writes its trace, just after step ``profile_steps[1]`` (or at the end).
+
+        Args:
+          trainer: The running trainer.
+        """
         if self._profiling:
             self._profiling = False
             tf.profiler.experimental.stop()  # writes <logdir>/plugins/profile/<time>/<host>.xplane.pb

@@ -16,10 +16,12 @@ from disttrain import data_checks
 from disttrain import drift as drift_lib
 from disttrain import epoch_agreement
 from disttrain import metrics as metrics_lib
-from disttrain import nonfinite
+from disttrain import models as models_lib
+from disttrain import nonfinite, serving
 from disttrain import step_calls, step_functions, step_logs
 from disttrain import watchdog as watchdog_lib
-from disttrain.checkpoint import Checkpointing, CheckpointSession, Progress
+from disttrain import checkpoint as checkpoint_lib
+from disttrain.checkpoint import Checkpointing, Progress
 from disttrain.preemption import Preempted, exit_now
 from disttrain.progress import ProgressBar
 from disttrain.backends import Backend, get_backend
@@ -45,8 +47,11 @@ class Trainer:
     Args:
       model: A built Keras model, created inside ``backend.scope()``, or a list of them (e.g. a GAN's
         generator and discriminator).
-      optimizer: A Keras optimizer created inside ``backend.scope()`` (built here on all the models'
-        trainable variables if needed), or a list of them, each already built on its variables.
+      optimizer: A Keras optimizer created inside ``backend.scope()``, or a list of them. An optimizer that
+        is not built yet is built here, inside the scope: a single one on every model's trainable
+        variables; with as many optimizers as models (a GAN: ``model=[generator, discriminator]``,
+        ``optimizer=[g_opt, d_opt]``), optimizer ``i`` on model ``i``'s. Otherwise build each yourself
+        inside ``backend.scope()``: ``optimizer.build(its_variables)``.
       train_step: ``fn(ctx, batch) -> loss | dict``.
       backend: The backend (default ``get_backend("auto")``).
       eval_step: ``fn(ctx, batch) -> loss | dict`` for validation (no gradients).
@@ -56,6 +61,7 @@ class Trainer:
       eval_metrics: Likewise for ``eval_step``; reported with a ``val_`` prefix.
       callbacks: :class:`Callback` objects.
       verbose: 0 quiet, 1 one line per epoch, 2 a progress bar (always on the chief only).
+      print_fn: Where the epoch lines go (default ``print``).
       log_every_steps: Every so many train steps, reduce the running loss, metrics, LR and throughput
         over all processes and call the callbacks' ``on_step_logs`` (one all-reduce). 0 turns this off;
         None (default) uses 50 when a progress bar or a callback consumes step logs, else 0. The
@@ -82,8 +88,9 @@ class Trainer:
         the first variable that differs, when they are out of sync (see ``disttrain.drift``). 0: off.
 
     Raises:
-      ValueError: If the model has no variables yet, model/optimizer were created outside the scope, or
-        ``accumulation_steps`` < 1.
+      ValueError: If the model has no variables yet, model/optimizer were created outside the scope, an
+        optimizer is not built and cannot be paired with one model, or ``accumulation_steps`` < 1.
+      TypeError: If ``checkpointing`` is not a :class:`disttrain.Checkpointing`.
     """
 
     def __init__(self, *, model: keras.Model | Sequence[keras.Model],
@@ -95,6 +102,7 @@ class Trainer:
                  log_every_steps: int | None = None, checkpointing: Checkpointing | None = None,
                  accumulation_steps: int = 1, on_nonfinite: str = "raise", step_timeout: float | None = None,
                  drift_check_every_steps: int = 0):
+        """Creates the trainer; its arguments (Args), errors (Raises) and behaviour: the class docstring."""
         self.backend = backend or get_backend("auto")
         self.on_nonfinite = nonfinite.check_policy(on_nonfinite)
         self._nonfinite = nonfinite.Monitor(policy=on_nonfinite, backend=self.backend, print_fn=print_fn)
@@ -103,9 +111,7 @@ class Trainer:
         self._watchdog: watchdog_lib.Watchdog | None = None
         self._called: set[tuple] = set()  # compiled steps called once (traced) already
         self._step_calls = 0  # compiled step calls under the watchdog (the value of its in-graph marks)
-        if int(accumulation_steps) != accumulation_steps or accumulation_steps < 1:
-            raise ValueError(f"accumulation_steps={accumulation_steps!r} must be an integer >= 1 (1 = no accumulation)")
-        self.accumulation_steps = int(accumulation_steps)
+        self.accumulation_steps = step_functions.check_accumulation_steps(accumulation_steps)
         self.model = model
         self._train_step, self._eval_step = train_step, eval_step
         self.metrics = metrics_lib.as_list(metrics, scope=self.backend.scope)  # functions: wrapped, in scope
@@ -122,19 +128,9 @@ class Trainer:
         self.models = list(model) if isinstance(model, (list, tuple)) else [model]
         self.optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
         self.optimizer = self.optimizers[0]  # its learning rate is the one logged as "lr"
-        for m in self.models:
-            if not m.trainable_variables:
-                raise ValueError(f"model {m.name!r} has no variables yet; build it inside backend.scope() "
-                                 "(start it with keras.Input(shape=...) or call model.build(input_shape))")
+        models_lib.check_built(self.models)
         self.backend.check_created_in_scope(models=self.models, optimizers=self.optimizers)
-        for opt in self.optimizers:
-            if opt.built:
-                continue
-            if len(self.optimizers) > 1:
-                raise ValueError(f"optimizer {opt.name!r} is not built; with several optimizers build each "
-                                 "inside backend.scope(): optimizer.build(its_model.trainable_variables)")
-            with self.backend.scope():
-                opt.build(self.trainable_variables)
+        models_lib.build_optimizers(self.backend, models=self.models, optimizers=self.optimizers)
         self.backend.sync_initial_state([v for m in self.models for v in m.variables] +
                                         [v for o in self.optimizers for v in o.variables])
         self._drift = drift_lib.DriftCheck(
@@ -149,16 +145,28 @@ class Trainer:
         self.history: dict[str, list[float]] = {}
         self.stop_training = False
         self.epoch_lr: float | None = None  # the LR logged for the running epoch (that of its first step)
-        if checkpointing is not None and not isinstance(checkpointing, Checkpointing):
-            raise TypeError(f"checkpointing must be a disttrain.Checkpointing, got {checkpointing!r}; e.g. "
-                            "checkpointing=dt.Checkpointing('runs/exp/ckpt', every_steps=500)")
-        self.checkpointing = CheckpointSession(config=checkpointing, trainer=self) if checkpointing else None
+        self.checkpointing = checkpoint_lib.session(checkpointing, trainer=self)
         self._resume = failures.resume_hint(checkpointing.directory if checkpointing else None)
 
     @property
     def trainable_variables(self) -> list:
         """The trainable variables of every model."""
         return [v for m in self.models for v in m.trainable_variables]
+
+    def save_model(self, path: str, *, model: keras.Model | None = None, overwrite: bool = False) -> str:
+        """Saves a model for serving, once, from the chief; call it on every process (they return when the
+        copy is complete, so any may load it). See :func:`disttrain.serving.save_model`.
+
+        Args:
+          path: ``*.keras``: a Keras file (``keras.models.load_model``); else a SavedModel for serving.
+          model: The model to save; required when the trainer has several (e.g. a GAN's generator).
+          overwrite: Replace an existing ``path``.
+
+        Returns:
+          ``path``.
+        """
+        return serving.save_model(model=model, models=self.models, backend=self.backend, path=path,
+                                  overwrite=overwrite)
 
     # -- compiled steps ------------------------------------------------------------------------
     def _function(self, kind: str, global_batch_size: int, *, gradients: bool = False,
@@ -174,8 +182,7 @@ class Trainer:
         return self._functions[key]
 
     def reset_compiled_steps(self) -> None:
-        """Drops the traced steps so the next step is traced again (e.g. after the optimizer's learning
-        rate object was replaced: a traced step keeps applying the one it captured)."""
+        """Drops the traced steps, so the next is traced again (e.g. after the optimizer's LR object changed)."""
         self._functions.clear()
         self._called.clear()
 
@@ -183,9 +190,10 @@ class Trainer:
                    steps: int | None, seed: int | None, remainder: str = "drop",
                    metrics: Sequence[keras.metrics.Metric] = (), step_logger: step_logs.StepLogger | None = None,
                    resume: Progress | None = None, steps_per_execution: int = 1
-                   ) -> tuple[dict[str, float], int, float]:
-        """Runs one epoch (from ``resume``'s position when given) and returns ``(logs, steps run here,
-        seconds)``; every process runs the same steps and gets the same logs."""
+                   ) -> tuple[dict[str, float], int, float, float]:
+        """Runs one epoch (from ``resume``'s position when given) and returns ``(logs, steps timed, their
+        seconds, this process's seconds left out)``: the calls that traced a step function are not timed,
+        unless all did. Every process runs the same steps and gets the same logs and timing."""
         backend = self.backend
         session = self.checkpointing if kind == "train" else None
         done = resume.epoch_step if resume is not None else 0
@@ -200,7 +208,7 @@ class Trainer:
         if step_logger is not None:  # with unknown lengths, steps_per_epoch is the best guess of the total
             step_logger.begin_epoch(steps=self.epoch_steps or epoch_input.max_steps, done=done)
         start = time.perf_counter()
-        ran = 0
+        ran, traced = 0, [0, 0.0]  # steps and seconds of the calls that traced a step function (not timed)
         calls = step_calls.ConcreteCalls()  # this epoch's concrete functions (see disttrain.step_calls)
         where = lambda: f"epoch {epoch + 1}, step {done + ran + 1}/{self.epoch_steps}"  # noqa: E731
         checkpoint_every = session.config.every_steps if session is not None else None
@@ -210,6 +218,7 @@ class Trainer:
             control = session.control() if session is not None else None
             count, key = 1, (kind, global_batch_size, wants_gradients, epoch_input.masked)
             spec = epoch_input.element_spec
+            call_start, tracings = time.perf_counter(), step_calls.tracings(compiled)
             if epoch_input.steps is None:  # unknown length: the processes agree on every batch
                 with self._phase("input", "the next batch of a pipeline of unknown length"):
                     batch = epoch_input.next_agreed()
@@ -230,6 +239,9 @@ class Trainer:
                     result = self._call(key, compiled, functools.partial(calls, compiled.run_many),
                                         (epoch_input.iterator, calls.count(count)), control, element_spec=spec,
                                         count=count)
+            if step_calls.tracings(compiled) != tracings:  # this call traced: its time is left out
+                traced = [traced[0] + count, traced[1] + time.perf_counter() - call_start]
+                step_logger is not None and step_logger.exclude(steps=count, seconds=time.perf_counter() - call_start)
             if session is not None:
                 result, control = result
             outputs, grads = result if wants_gradients else (result, None)
@@ -255,16 +267,10 @@ class Trainer:
             self.epoch_steps = steps
         # One all-reduce per epoch: the step values, the wall time, the count of real examples (padded
         # input) and the metrics' states: every process reports the same numbers.
-        reduced = totals.reduce(seconds=time.perf_counter() - start)
-        # Values are global-batch-scaled (like ctx.average_loss): their sum over the epoch times the
-        # global batch, over the examples, is the mean per example; padded examples and skipped steps
-        # (on_nonfinite="skip") count for nothing.
-        dropped, skips = nonfinite.pop_skips(reduced.sums, steps=steps)
-        examples = reduced.real if epoch_input.masked and reduced.real > 0 else (steps - dropped) * global_batch_size
-        logs = {n: v * global_batch_size / examples if examples else float("nan") for n, v in reduced.sums.items()}
-        logs.update(reduced.metrics)
-        logs.update(skips)
-        return logs, ran, reduced.seconds / backend.size
+        timed = ran - traced[0]  # the same on every process (they trace alike); 0: time everything
+        reduced = totals.reduce(seconds=time.perf_counter() - start - (traced[1] if timed else 0.0))
+        logs = nonfinite.epoch_logs(reduced, steps=steps, global_batch_size=global_batch_size, masked=epoch_input.masked)
+        return logs, (timed or ran), reduced.seconds / backend.size, traced[1] if timed else 0.0
 
     def _call(self, key: tuple, compiled: step_functions.CompiledSteps, fn: Callable, args: tuple, control: Any,
               *, element_spec: Any, count: int = 1) -> Any:
@@ -287,10 +293,9 @@ class Trainer:
                 raise
             raise explained from err
         except Exception as err:  # noqa: BLE001 - re-raised as it is unless the backend calls it a lost peer
-            lost = failures.translate(self.backend, err, phase=f"compiled {step_calls.name(key[0], self.global_step, count)}",
-                                      position=functools.partial(self._position, running=key[0] == "train"),
-                                      resume=self._resume)
-            if lost is None:
+            if (lost := failures.translate(
+                    self.backend, err, phase=f"compiled {step_calls.name(key[0], self.global_step, count)}",
+                    position=functools.partial(self._position, running=key[0] == "train"), resume=self._resume)) is None:
                 raise
             raise lost from err
 
@@ -366,6 +371,10 @@ class Trainer:
             flag and ``every_seconds`` (a stop waits for the running call, up to K steps). Pipelines of
             unknown length run one step per call.
 
+        Returns:
+          ``trainer.history`` (kept over ``fit`` calls): per epoch each returned value, metric, ``val_*``, ``lr``,
+          ``examples_per_sec`` and ``step_time`` (leaving out the calls that traced, unless all did).
+
         Raises:
           ValueError: For a global batch that does not split over the replicas, an infinite dataset
             without ``steps_per_epoch``, examples that are batched or do not fit the model, or a
@@ -374,12 +383,9 @@ class Trainer:
             checkpoint is saved on every process.
         """
         self.backend.input_context(global_batch_size)  # validates the batch before anything runs
-        _check_steps_per_execution(steps_per_execution)
-        per_replica, k = global_batch_size // self.backend.num_replicas, self.accumulation_steps
-        if per_replica % k:
-            raise ValueError(f"global batch {global_batch_size} gives {per_replica} examples a replica, which do not "
-                             f"split into accumulation_steps={k} micro-batches; use a multiple of "
-                             f"{self.backend.num_replicas * k}")
+        step_calls.check_steps_per_execution(steps_per_execution)
+        step_functions.check_micro_batches(global_batch_size, replicas=self.backend.num_replicas,
+                                           accumulation_steps=self.accumulation_steps)
         data_lib.check_data(data, model=self.model)
         if validation_data is not None and self._eval_step is None:
             raise ValueError("validation_data needs an eval_step; pass eval_step=fn(ctx, batch) to Trainer")
@@ -436,7 +442,7 @@ class Trainer:
         metrics_lib.reset(self.metrics)
         resumed_lr = resume.epoch_lr if resume is not None and resume.epoch_step else None
         self.epoch_lr = resumed_lr if resumed_lr is not None else current_learning_rate(self.optimizer)
-        logs, ran, seconds = self._run_epoch(
+        logs, ran, seconds, untimed = self._run_epoch(
             "train", data, global_batch_size=global_batch_size, epoch=epoch, steps=steps_per_epoch,
             seed=shuffle_seed, remainder=remainder, metrics=self.metrics, step_logger=step_logger, resume=resume,
             steps_per_execution=self.fit_config["steps_per_execution"])
@@ -454,8 +460,9 @@ class Trainer:
         if self.verbose == 1 and self.backend.is_chief:
             shown = " - ".join(f"{k} {v:.4g}" for k, v in logs.items() if k not in ("examples_per_sec", "step_time"))
             total = self.fit_config["initial_epoch"] + self.fit_config["epochs"]
-            self._print(f"epoch {epoch + 1}/{total} - {shown} - {seconds:.2f}s "
-                        f"({logs['examples_per_sec']:.0f} examples/s)")
+            timing = f"examples/s, without {untimed:.2f}s of tracing" if untimed else "examples/s"
+            self._print(f"epoch {epoch + 1}/{total} - {shown} - {seconds + untimed:.2f}s "
+                        f"({logs['examples_per_sec']:.0f} {timing})")
         return logs
 
     def evaluate(self, data: Any, *, global_batch_size: int, steps: int | None = None,
@@ -474,22 +481,20 @@ class Trainer:
           remainder: ``"pad"`` (exact) or ``"drop"``.
           steps_per_execution: Steps per compiled call, as for :meth:`fit`.
 
+        Returns:
+          ``{name: value}``: each returned value (mean per real example) and each ``eval_metrics`` result.
+
         Raises:
           ValueError: If the trainer has no ``eval_step``, or for bad input as in :meth:`fit`.
         """
         if self._eval_step is None:
             raise ValueError("evaluate needs an eval_step; pass eval_step=fn(ctx, batch) to Trainer")
-        _check_steps_per_execution(steps_per_execution)
+        step_calls.check_steps_per_execution(steps_per_execution)
         metrics_lib.reset(self.eval_metrics)
         data_lib.check_data(data, model=self.model)
         with self._watching(), failures.translating(self.backend, phase="evaluate", position=self._position,
                                                     resume=self._resume):
-            logs, _, _ = self._run_epoch("eval", data, global_batch_size=global_batch_size, epoch=0, steps=steps,
+            logs, *_ = self._run_epoch("eval", data, global_batch_size=global_batch_size, epoch=0, steps=steps,
                                          seed=None, remainder=remainder, metrics=self.eval_metrics,
                                          steps_per_execution=steps_per_execution)
         return logs
-
-
-def _check_steps_per_execution(value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"steps_per_execution={value!r} must be an int >= 1 (steps run in one compiled call)")

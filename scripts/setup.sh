@@ -17,8 +17,9 @@
 # Environment:
 #   DISTTRAIN_VENV      virtualenv path (default: <repo>/.venv)
 #   DISTTRAIN_CACHE     wheel cache (default: ~/.cache/disttrain)
-#   DISTTRAIN_EXTRA     pyproject extra for TensorFlow: cpu (default) or gpu
-#   DISTTRAIN_GPU=1     build Horovod with NCCL GPU operations (GPU clusters; needs CUDA + NCCL)
+#   DISTTRAIN_EXTRA     pyproject extra for TensorFlow: cpu (default) or gpu (tensorflow[and-cuda], its CUDA
+#                       wheels pinned to disttrain/gpu_versions.py)
+#   DISTTRAIN_GPU=1     build Horovod with NCCL GPU operations (`make gpu-build`; docs/gpu.md)
 #   PYTHON              interpreter used to create the virtualenv (default: python3)
 set -euo pipefail
 
@@ -64,11 +65,16 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
 fi
 STAMP="$VENV/.disttrain-installed"
-WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh" | sha256sum | cut -c1-16)-$EXTRA"
+WANT="$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/setup.sh" "$ROOT/disttrain/gpu_versions.py" | sha256sum | cut -c1-16)-$EXTRA"
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
   log "installing disttrain[$EXTRA,mpi,dev] into $VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
-  "$VENV/bin/python" -m pip install -q -e "$ROOT[$EXTRA,mpi,dev]"
+  PINS=()
+  if [ "$EXTRA" = gpu ]; then  # the CUDA wheels Horovod's NCCL build is compiled and tested against
+    "$VENV/bin/python" "$ROOT/disttrain/gpu_versions.py" > "$VENV/gpu-constraints.txt"
+    PINS=(--constraint "$VENV/gpu-constraints.txt")
+  fi
+  "$VENV/bin/python" -m pip install -q "${PINS[@]}" -e "$ROOT[$EXTRA,mpi,dev]"
   echo "$WANT" > "$STAMP"
 fi
 

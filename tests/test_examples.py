@@ -120,3 +120,54 @@ def test_sum_of_two(launcher, tmp_path_factory):
     assert result["test_loss"] == pytest.approx(expected, rel=1e-5)
     printed = [float(m.group(1)) for m in map(re.compile(r"mean test loss over 10 pairs: ([\d.]+)").search, lines) if m]
     assert printed == [pytest.approx(expected, rel=1e-4)], stdout
+
+
+def _program(launcher, program, tmp_path_factory):
+    """A program's record on ``launcher`` and on one device (both from the shared seed launches)."""
+    result, stdout = seed_runs(launcher, tmp_path_factory)[program]
+    assert result["replicas"] == (1 if launcher == "single" else 2)
+    single, _ = seed_runs("single", tmp_path_factory)[program]
+    return result, stdout, single
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_gan_two_models_two_optimizers_match_one_device_and_the_generator_is_saved_once(launcher, tmp_path_factory):
+    """examples/gan.py: alternating discriminator and generator updates, each optimizer built by disttrain on
+    its own model; the generator learns the real mean; 2 replicas give the single device's losses; the
+    chief alone writes the generator (SavedModel and .keras), which every process loads back exactly."""
+    result, stdout, single = _program(launcher, "gan.py", tmp_path_factory)
+    assert result["start_distance"] > 2.5 and result["distance"] < 0.5, result  # N((2, -1), .5^2) learnt
+    for name in ("d_loss", "g_loss"):
+        assert result["history"][name] == pytest.approx(single["history"][name], rel=1e-4), name
+    assert result["served_max_diff"] == 0.0 and result["keras_max_diff"] == 0.0, result
+    assert result["saved"] == ["generator.keras", "generator_serving"], result  # no worker's temporary copy
+    assert "generated mean" in stdout
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_custom_training_tutorial_port_matches_one_device(launcher, tmp_path_factory):
+    """examples/custom_training.py, TF's tf.distribute tutorial on the digits: its report printed once,
+    regularised conv net with Adam, the same global batch on every backend gives the single device's numbers."""
+    result, stdout, single = _program(launcher, "custom_training.py", tmp_path_factory)
+    history = result["history"]
+    assert result["global_batch_size"] == 64
+    assert history["val_test_accuracy"][-1] > 0.6, history
+    for name in ("loss", "val_test_loss", "train_accuracy", "val_test_accuracy"):
+        assert history[name] == pytest.approx(single["history"][name], rel=1e-4), name
+    assert len(re.findall(r"^Epoch \d, Loss: [\d.]+, Accuracy: [\d.]+, Test Loss: [\d.]+, Test Accuracy: [\d.]+$",
+                          stdout, re.M)) == 2, stdout
+
+
+@pytest.mark.parametrize("launcher", LAUNCHERS)
+def test_synthetic_benchmark_port_prints_horovods_report(launcher, tmp_path_factory):
+    """examples/synthetic_benchmark.py: Horovod's report (img/sec per device per iteration, mean, total),
+    from throughput that leaves out tracing; the fixed batch trains (the loss falls)."""
+    result, stdout, _ = _program(launcher, "synthetic_benchmark.py", tmp_path_factory)
+    devices = result["replicas"]
+    iters = [float(v) for v in re.findall(r"^Iter #\d: ([\d.]+) img/sec per CPU$", stdout, re.M)]
+    assert iters == [pytest.approx(v, rel=1e-3, abs=0.1) for v in result["img_secs"]] and len(iters) == 3, stdout
+    assert all(v > 0 for v in iters)
+    total = re.search(rf"^Total img/sec on {devices} CPU\(s\): ([\d.]+) \+-[\d.]+$", stdout, re.M)
+    assert total and float(total.group(1)) == pytest.approx(devices * np.mean(result["img_secs"]), rel=1e-3, abs=0.1)
+    loss = result["history"]["loss"]
+    assert loss[-1] < loss[0], loss

@@ -48,10 +48,10 @@ def test_one_copy_of_the_horovod_recipe():
     assert holders == ["disttrain/scripts/build_horovod.sh"], holders
 
 
-def test_entrypoint_runs_horovodrun_on_every_gpu_or_the_given_command(tmp_path):
+def test_entrypoint_runs_horovodrun_under_disttrain_run_on_every_gpu_or_the_given_command(tmp_path):
     (tmp_path / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: A100 (UUID: a)'\necho 'GPU 1: A100 (UUID: b)'\n")
-    (tmp_path / "horovodrun").write_text('#!/bin/sh\necho "horovodrun $*"\n')
-    for tool in ("nvidia-smi", "horovodrun"):
+    (tmp_path / "disttrain").write_text('#!/bin/sh\necho "disttrain $*"\n')
+    for tool in ("nvidia-smi", "disttrain"):
         (tmp_path / tool).chmod(0o755)
     env = dict(os.environ, PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
 
@@ -59,8 +59,9 @@ def test_entrypoint_runs_horovodrun_on_every_gpu_or_the_given_command(tmp_path):
         return subprocess.run([str(ROOT / "docker" / "entrypoint.sh"), *args], env={**env, **extra},
                               capture_output=True, text=True, timeout=30, check=True).stdout
 
-    assert entry("train.py", "--epochs", "2") == "horovodrun -np 2 -H localhost:2 python train.py --epochs 2\n"
-    assert entry("train.py", DISTTRAIN_NP="3") == "horovodrun -np 3 -H localhost:3 python train.py\n"
+    assert entry("train.py", "--epochs", "2") == \
+        "disttrain run -- horovodrun -np 2 -H localhost:2 python train.py --epochs 2\n"
+    assert entry("train.py", DISTTRAIN_NP="3") == "disttrain run -- horovodrun -np 3 -H localhost:3 python train.py\n"
     assert entry("echo", "any", "command") == "any command\n"
 
 
@@ -74,6 +75,7 @@ def test_wheel_installs_into_a_fresh_virtualenv_and_imports(tmp_path):
         names = z.namelist()
         metadata = z.read(next(n for n in names if n.endswith("METADATA"))).decode()
     assert "disttrain/scripts/build_horovod.sh" in names
+    assert "disttrain/gpu_versions.py" in names  # the build script reads it beside itself (../gpu_versions.py)
     assert 'Requires-Dist: tensorflow-cpu==2.21.0; extra == "cpu"' in metadata
     assert 'Requires-Dist: tensorflow[and-cuda]==2.21.0; extra == "gpu"' in metadata
     venv = tmp_path / "venv"
@@ -106,7 +108,8 @@ def test_wheel_installs_into_a_fresh_virtualenv_and_imports(tmp_path):
 def test_help_does_not_import_tensorflow():
     code = ("import sys, contextlib, io\nfrom disttrain import cli\n"
             "with contextlib.redirect_stdout(io.StringIO()):\n"
-            "    for argv in (['--help'], ['launch', '--help'], ['install-horovod', '--help'], ['slurm', '--help']):\n"
+            "    for argv in (['--help'], ['launch', '--help'], ['install-horovod', '--help'], ['slurm', '--help'],\n"
+            "                 ['doctor', '--help']):\n"
             "        try: cli.main(argv)\n        except SystemExit: pass\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'horovod')))")
     proc = subprocess.run([sys.executable, "-c", code], env=base_env(), capture_output=True, text=True, timeout=60)

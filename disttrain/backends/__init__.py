@@ -28,6 +28,9 @@ def detect(environ: Mapping[str, str] | None = None, *, num_gpus: int | None = N
     Args:
       environ: Environment to read (default ``os.environ``).
       num_gpus: Visible GPUs (default: asks TensorFlow).
+
+    Returns:
+      ``horovod``, ``multiworker``, ``mirrored`` or ``single``.
     """
     env = os.environ if environ is None else environ
     if any(k in env for k in HOROVOD_ENV + MPI_ENV):

@@ -46,6 +46,7 @@ class InputContext:
 
     @property
     def per_replica_batch_size(self) -> int:
+        """Examples per step on each replica: ``global_batch_size // num_replicas_in_sync``."""
         return self.global_batch_size // self.num_replicas_in_sync
 
 
@@ -99,25 +100,63 @@ class Backend(abc.ABC):
     # -- variables -----------------------------------------------------------------------------
     @abc.abstractmethod
     def scope(self) -> contextlib.AbstractContextManager:
-        """Context in which the model and optimizer must be created."""
+        """The context in which the models, optimizers and metrics must be created (``with backend.scope():``).
+
+        Returns:
+          A context manager (the strategy's scope under tf.distribute, a device scope otherwise).
+        """
 
     def check_created_in_scope(self, *, models: list, optimizers: list) -> None:
-        """Raises ValueError if a model or optimizer was created outside :meth:`scope`."""
+        """Checks that the models and optimizers were created inside :meth:`scope`.
+
+        Args:
+          models: Keras models.
+          optimizers: Keras optimizers.
+
+        Raises:
+          ValueError: Naming the first one created outside the scope (tf.distribute backends).
+        """
 
     def sync_initial_state(self, variables: list[tf.Variable]) -> None:
-        """Makes ``variables`` equal on every process (rank 0's values win). Call once, before training."""
+        """Makes ``variables`` equal on every process (rank 0's values win). Call once, before training.
+
+        Horovod broadcasts them (``hvd.broadcast_variables``); tf.distribute backends keep them in sync
+        already.
+
+        Args:
+          variables: The models' and optimizers' variables.
+        """
 
     # -- the step ------------------------------------------------------------------------------
     @abc.abstractmethod
     def run(self, fn: Callable, args: tuple = ()) -> Any:
-        """Runs ``fn(*args)`` on every local replica (inside ``tf.function``); returns per-replica results."""
+        """Runs ``fn(*args)`` on every local replica (inside ``tf.function``), as ``strategy.run``.
+
+        Args:
+          fn: The per-replica function.
+          args: Its arguments (per-replica values are unpacked for each replica).
+
+        Returns:
+          The per-replica results.
+        """
 
     @abc.abstractmethod
     def local_values(self, per_replica: Any) -> tuple:
-        """The values of a per-replica result (or sync-on-read variable) on this process's replicas."""
+        """The values of a per-replica result (or sync-on-read variable) on this process's replicas.
+
+        Args:
+          per_replica: What :meth:`run` returned (or a variable).
+        """
 
     def local_sum(self, per_replica: Any) -> tf.Tensor:
-        """Sums a per-replica result over this process's replicas (no communication)."""
+        """Sums a per-replica result over this process's replicas (no communication).
+
+        Args:
+          per_replica: What :meth:`run` returned.
+
+        Returns:
+          One tensor: the sum of the local replicas' values.
+        """
         values = [tf.convert_to_tensor(v) for v in self.local_values(per_replica)]
         return tf.add_n(values) if len(values) > 1 else tf.identity(values[0])
 
@@ -127,7 +166,14 @@ class Backend(abc.ABC):
 
     def reduce_gradients(self, grads: list) -> list:
         """In a replica context: the gradients summed over all replicas (compressed and bucketed as
-        :attr:`gradient_options` say), identical on every replica."""
+        :attr:`gradient_options` say), identical on every replica.
+
+        Args:
+          grads: This replica's gradients (None entries stay None).
+
+        Returns:
+          The summed gradients, in the same order.
+        """
         return gradients_lib.reduce_gradients(grads, options=self.gradient_options, num_replicas=self.num_replicas,
                                               sum_bucket=self._sum_gradients)
 
@@ -137,7 +183,13 @@ class Backend(abc.ABC):
 
     def apply_gradients(self, optimizer: Any, grads: list, variables: list) -> None:
         """In a replica context: sums ``grads`` over all replicas once (:meth:`reduce_gradients`) and
-        applies them (:meth:`apply_reduced_gradients`)."""
+        applies them (:meth:`apply_reduced_gradients`).
+
+        Args:
+          optimizer: A Keras optimizer created in :meth:`scope`.
+          grads: This replica's gradients.
+          variables: The variables they belong to.
+        """
         self.apply_reduced_gradients(optimizer, self.reduce_gradients(grads), variables)
 
     def apply_reduced_gradients(self, optimizer: Any, reduced: list, variables: list, *,
@@ -146,6 +198,9 @@ class Backend(abc.ABC):
         sum over replicas is skipped.
 
         Args:
+          optimizer: A Keras optimizer created in :meth:`scope`.
+          reduced: Gradients already summed over all replicas.
+          variables: The variables they belong to.
           apply: A boolean scalar, identical on every replica (e.g. "the summed gradients are finite"):
             when given, the update (weights, slots, ``iterations``) happens only where it is True.
         """
@@ -160,7 +215,11 @@ class Backend(abc.ABC):
             tf.cond(apply, update, lambda: tf.constant(False))
 
     def replica_id(self) -> Any:
-        """In a replica context: this replica's index in ``[0, num_replicas)`` over all processes."""
+        """In a replica context: this replica's index in ``[0, num_replicas)`` over all processes.
+
+        Returns:
+          An int32 scalar tensor.
+        """
         return tf.distribute.get_replica_context().replica_id_in_sync_group
 
     # -- collectives (eager, called by every process) -------------------------------------------
@@ -177,6 +236,9 @@ class Backend(abc.ABC):
         Args:
           value: A tensor, numpy array or Python int/float.
           op: One of ``sum``, ``mean``, ``max``, ``min``.
+
+        Returns:
+          The reduced value, of ``value``'s type.
 
         Raises:
           ValueError: If ``op`` is unknown.
@@ -201,7 +263,12 @@ class Backend(abc.ABC):
         return result
 
     def broadcast(self, value: Any, *, root: int = 0) -> Any:
-        """Returns process ``root``'s ``value`` on every process (numeric values of equal shape)."""
+        """Returns process ``root``'s ``value`` on every process (numeric values of equal shape).
+
+        Args:
+          value: A tensor, numpy array or Python int/float; every process passes one of the same shape.
+          root: The process whose value everyone gets.
+        """
         is_python = isinstance(value, (int, float)) and not isinstance(value, bool)
         tensor = tf.convert_to_tensor(value, dtype=tf.float64 if isinstance(value, float) else None)
         if self.size > 1:
@@ -234,6 +301,9 @@ class Backend(abc.ABC):
         Args:
           value: A tensor; the same shape and dtype on every process.
           op: ``sum``, ``max`` or ``min``.
+
+        Returns:
+          The reduced tensor, identical on every process.
         """
         if self.size == 1:
             return tf.identity(value)
@@ -249,7 +319,7 @@ class Backend(abc.ABC):
     default_step_timeout: float | None = None
 
     def stall_hint(self) -> str:
-        """Advice the stall watchdog adds to its message on this backend ("" for none)."""
+        """The advice the stall watchdog adds to its message on this backend ("" for none)."""
         return ""
 
     # -- failures ------------------------------------------------------------------------------
@@ -269,12 +339,18 @@ class Backend(abc.ABC):
         ``directory``. Backends whose saving is itself collective (MultiWorkerMirroredStrategy) return
         a private temporary directory on the other processes: they must save too, and the caller
         removes that directory afterwards.
+
+        Args:
+          directory: The checkpoint directory every process names.
         """
         return directory if self.is_chief else None
 
     # -- input ---------------------------------------------------------------------------------
     def input_context(self, global_batch_size: int) -> InputContext:
         """This process's :class:`InputContext` for ``global_batch_size``.
+
+        Args:
+          global_batch_size: Examples per step over all replicas.
 
         Raises:
           ValueError: If the global batch does not split evenly over the replicas.
@@ -296,9 +372,14 @@ class Backend(abc.ABC):
 
         ``dataset_fn`` returns a dataset of per-replica batches for the given input context; the
         result yields what :meth:`run` takes as its argument.
+
+        Args:
+          dataset_fn: ``fn(InputContext) -> tf.data.Dataset`` of per-replica batches.
+          global_batch_size: Examples per step over all replicas.
         """
 
     def describe(self) -> str:
+        """A one-line description: name, rank, size, local rank and replicas (e.g. for a log line)."""
         return (f"{self.name}: rank {self.rank}/{self.size}, local rank {self.local_rank}, "
                 f"{self.local_replicas} replica(s) here, {self.num_replicas} in sync")
 

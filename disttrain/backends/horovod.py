@@ -11,6 +11,7 @@ import tensorflow as tf
 
 from disttrain.backends import reachability
 from disttrain.backends.base import Backend, InputContext
+from disttrain.backends.devices import horovod_gpu_operations, local_gpu_index
 from disttrain.backends.failures import CollectiveFailure
 from disttrain.backends.rendezvous import startup_timeout as _startup_timeout
 from disttrain.backends.rendezvous import under_mpi, wait_for_horovod_peers
@@ -147,7 +148,8 @@ class HorovodBackend(Backend):
 
     Raises:
       ImportError: If Horovod is not installed; the message names the install command.
-      ValueError: For a negative fusion threshold or a non-positive cycle time.
+      ValueError: For a negative fusion threshold or a non-positive cycle time, or a host with several GPUs
+        but fewer than its processes (two would share one).
       TimeoutError: If a rank does not reach the rendezvous in time.
     """
 
@@ -171,12 +173,16 @@ class HorovodBackend(Backend):
         self._hosts = wait_for_horovod_peers(timeout=_startup_timeout(startup_timeout))
         hvd.init()
         gpus = tf.config.list_physical_devices("GPU")
-        if gpus:
-            try:  # one GPU per process, picked by local rank
-                tf.config.set_visible_devices(gpus[hvd.local_rank() % len(gpus)], "GPU")
-                tf.config.experimental.set_memory_growth(gpus[hvd.local_rank() % len(gpus)], True)
+        if gpus:  # one GPU per process, picked by local rank
+            gpu = gpus[local_gpu_index(local_rank=hvd.local_rank(), num_gpus=len(gpus))]
+            try:
+                tf.config.set_visible_devices(gpu, "GPU")
+                tf.config.experimental.set_memory_growth(gpu, True)
             except RuntimeError:
                 pass
+            _, warning = horovod_gpu_operations(num_gpus=len(gpus), nccl_built=bool(hvd.nccl_built()))
+            if warning and hvd.rank() == 0:
+                sys.stderr.write(f"disttrain: warning: {warning}\n")
         self._ops = {"sum": hvd.Sum, "max": hvd.Max, "min": hvd.Min}
 
     @property

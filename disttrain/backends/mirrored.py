@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from disttrain.backends.devices import logical_cpus
+from disttrain.backends.devices import gpu_names, mirrored_cross_device_ops, mirrored_devices
 from disttrain.backends.strategy import StrategyBackend
 
 
@@ -25,13 +25,7 @@ class MirroredBackend(StrategyBackend):
 
     def __init__(self, *, cpu_replicas: int | None = None, devices: list[str] | None = None):
         if devices is None:
-            if cpu_replicas:
-                devices = logical_cpus(cpu_replicas)
-            else:
-                gpus = tf.config.list_logical_devices("GPU")
-                devices = [d.name for d in gpus] or ["/cpu:0"]
-        # The default cross-device ops use NCCL, which needs GPUs; reduce on the host otherwise.
-        cross = None
-        if not any("GPU" in d.upper() for d in devices):
-            cross = tf.distribute.ReductionToOneDevice(reduce_to_device="/cpu:0")
+            devices = mirrored_devices(cpu_replicas=cpu_replicas, gpus=[] if cpu_replicas else gpu_names())
+        # NCCL all-reduce over GPUs; on the host when any replica is a CPU device (NCCL needs GPUs).
+        cross = mirrored_cross_device_ops(devices)
         super().__init__(strategy=tf.distribute.MirroredStrategy(devices=devices, cross_device_ops=cross))

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from disttrain.backends import reachability
 from disttrain.backends.failures import CollectiveFailure
+from disttrain.backends.devices import collective_implementation
 from disttrain.backends.rendezvous import startup_timeout as _startup_timeout
 from disttrain.backends.rendezvous import tf_config_from_launcher, wait_for_peers
 from disttrain.backends.strategy import StrategyBackend
@@ -123,11 +124,12 @@ class MultiWorkerBackend(StrategyBackend):
     Args:
       cpu_replicas: Must be None or 1: MultiWorkerMirroredStrategy drives all local GPUs, or else
         exactly one CPU device per worker (it does not replicate over logical CPU devices).
-      communication: ``ring``, ``nccl`` or ``auto`` collective implementation.
+      communication: ``ring``, ``nccl`` or ``auto`` collective implementation (``auto``: NCCL where the
+        worker has GPUs, ring where it has none).
       startup_timeout: Seconds to wait for the other workers (default DISTTRAIN_STARTUP_TIMEOUT or 300).
 
     Raises:
-      ValueError: If TF_CONFIG is missing or malformed.
+      ValueError: If TF_CONFIG is missing or malformed, or ``communication='nccl'`` on a worker without GPUs.
       TimeoutError: If a worker of the cluster does not start in time.
     """
 
@@ -143,9 +145,7 @@ class MultiWorkerBackend(StrategyBackend):
             raise ValueError(f"cpu_replicas={cpu_replicas} is not supported by the multiworker backend: "
                              "MultiWorkerMirroredStrategy uses one CPU device per worker; start more "
                              "workers instead (disttrain launch -n N)")
-        impl = {"auto": tf.distribute.experimental.CommunicationImplementation.AUTO,
-                "ring": tf.distribute.experimental.CommunicationImplementation.RING,
-                "nccl": tf.distribute.experimental.CommunicationImplementation.NCCL}[communication]
+        impl = collective_implementation(communication, num_gpus=len(tf.config.list_physical_devices("GPU")))
         wait_for_peers(_tasks()[1], rank, timeout=_startup_timeout(startup_timeout))
         # TensorFlow's coordination service installs a SIGTERM handler of its own that only logs; give the
         # signal back to Python (default: end the process; fit() installs the preemption handler).

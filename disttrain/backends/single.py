@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from disttrain.backends.devices import gpu_names, single_device
 from disttrain.backends.strategy import StrategyBackend
 
 
@@ -21,7 +22,7 @@ class SingleBackend(StrategyBackend):
 
     def __init__(self, *, device: str | None = None):
         if device is None:
-            device = "/gpu:0" if tf.config.list_logical_devices("GPU") else "/cpu:0"
+            device = single_device(gpu_names())
         super().__init__(strategy=tf.distribute.OneDeviceStrategy(device))
         self._on_cpu = "CPU" in tf.DeviceSpec.from_string(device).device_type.upper()
 

@@ -1,6 +1,7 @@
-"""Runs the four seed programs one after another in ONE launch, each exactly as ``python examples/X.py``
-would (its ``__main__`` block, with its own argv), so the examples tests pay for one TensorFlow start-up
-and one backend per launcher instead of four.
+"""Runs the seed programs, the GAN and the two ports (docs/porting.md) one after another in ONE launch,
+each exactly as ``python examples/X.py`` would (its ``__main__`` block, with its own argv; an exit status 0
+ends only that program), so the examples tests pay for one TensorFlow start-up and one backend per
+launcher instead of one per program.
 
     python tests/workers/seed_examples.py --backend B [--cpu-replicas N] --out-dir DIR
 
@@ -16,7 +17,16 @@ import sys
 from pathlib import Path
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-PROGRAMS = ["linear_regression.py", "linear_regression_mae.py", "linear_regression_lr_cut.py", "sum_of_two.py"]
+PROGRAMS = ["linear_regression.py", "linear_regression_mae.py", "linear_regression_lr_cut.py", "sum_of_two.py",
+            "gan.py", "custom_training.py", "synthetic_benchmark.py"]
+#: A program's own arguments, given the output directory and the replica count (kept to a few seconds each).
+EXTRA = {
+    "gan.py": lambda out, replicas: ["--save-dir", str(out / "gan_saved")],
+    # the tutorial's batch is per replica: the same global batch (64) on every backend, to compare
+    "custom_training.py": lambda out, replicas: ["--batch-per-replica", str(64 // replicas), "--epochs", "2"],
+    "synthetic_benchmark.py": lambda out, replicas: ["--epochs", "3", "--num-warmup-batches", "2",
+                                                     "--num-batches-per-iter", "5", "--batch-size", "8"],
+}
 MARKER = "=== seed example "
 
 
@@ -37,8 +47,14 @@ def main() -> None:
         argv = ["--backend", args.backend, "--history-json", str(Path(args.out_dir) / f"{Path(program).stem}.json")]
         if args.cpu_replicas:
             argv += ["--cpu-replicas", str(args.cpu_replicas)]
+        if program in EXTRA:
+            argv += EXTRA[program](Path(args.out_dir), backend.num_replicas)
         sys.argv = [str(EXAMPLES / program)] + argv
-        runpy.run_path(str(EXAMPLES / program), run_name="__main__")
+        try:
+            runpy.run_path(str(EXAMPLES / program), run_name="__main__")
+        except SystemExit as end:
+            if end.code not in (None, 0):
+                raise
 
 
 if __name__ == "__main__":
