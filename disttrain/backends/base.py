@@ -328,7 +328,14 @@ class Backend(abc.ABC):
         says a collective failed or timed out because a peer or the network was lost, returns what
         happened, the peer(s) that are unreachable (from the error text or a quick TCP probe of the
         peers' addresses) and what to check; None for any other error. Backends with one process
-        return None."""
+        return None.
+
+        Args:
+          err: The error a collective or a compiled step raised.
+
+        Returns:
+          A :class:`disttrain.backends.failures.CollectiveFailure`, or None.
+        """
         return None
 
     # -- checkpoints ---------------------------------------------------------------------------

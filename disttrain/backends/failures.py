@@ -96,6 +96,14 @@ class CollectiveError(RuntimeError):
       phase: What was running (a compiled step, or an eager collective and its caller).
       global_step, epoch, epoch_step: The step (1-based epoch and step within it); None outside ``fit``.
       cause: The backend's own error.
+
+    Args:
+      backend: The backend's name.
+      rank: This process's rank.
+      size: The number of processes.
+      failure: What the backend read from its error (summary, peers, next step).
+      phase: What was running.
+      cause: The backend's own error.
     """
 
     def __init__(self, *, backend: str, rank: int, size: int, failure: CollectiveFailure, phase: str,
@@ -107,7 +115,12 @@ class CollectiveError(RuntimeError):
         super().__init__(self._compose())
 
     def locate(self, position: Position, *, resume: str = "") -> None:
-        """Adds the training loop's position and how to resume (once; the innermost position wins)."""
+        """Adds the training loop's position and how to resume (once; the innermost position wins).
+
+        Args:
+          position: Where the training loop is.
+          resume: How to resume (the checkpoint directory's hint), "" for none.
+        """
         if self.global_step is not None:
             return
         self.global_step, self.epoch, self.epoch_step = position.global_step, position.epoch, position.epoch_step
