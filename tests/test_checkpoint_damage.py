@@ -17,6 +17,7 @@ import pytest
 import disttrain as dt
 from disttrain import checkpoint_files
 from test_checkpoint import backend, fit, make  # noqa: F401 - the module's fixture
+from workers.disk_faults import FillDiskAt, fill
 
 # 4 epochs of 3 steps, a checkpoint every 2 steps and when fit ends, keep 3.
 EVERY, KEEP = 2, 3
@@ -158,24 +159,6 @@ def _mount_tmpfs(path, size):
         pytest.skip(f"cannot mount a tmpfs here (needs root): {proc.stderr.decode().strip()}")
 
 
-class FillDiskAt(dt.Callback):
-    """Fills the filesystem of ``path`` after global step ``step`` (a real ENOSPC for the next save)."""
-
-    def __init__(self, path, step):
-        self.path, self.step = path, step
-
-    def on_step_logs(self, trainer, step, logs):
-        if step == self.step:
-            f = open(self.path, "wb", buffering=0)
-            try:
-                while True:
-                    f.write(b"\0" * 4096)
-            except OSError:
-                pass
-            finally:
-                f.close()
-
-
 def test_a_full_disk_names_the_directory_size_and_free_space_and_keeps_the_previous(backend, pristine, tmp_path):  # noqa: F811
     disk = tmp_path / "small"
     _mount_tmpfs(disk, "2m")
@@ -206,7 +189,7 @@ def test_a_full_disk_is_found_before_the_first_step(backend, tmp_path):  # noqa:
     disk = tmp_path / "full"
     _mount_tmpfs(disk, "1m")
     try:
-        FillDiskAt(disk / "filler", 0).on_step_logs(None, 0, {})
+        fill(disk / "filler")
         trainer, _ = make(backend, disk / "ckpt", every_steps=EVERY, keep=KEEP)
         with pytest.raises(dt.CheckpointError, match=r"cannot be used by every process .*No space left on device"
                                                       r".*\n  rank 0: could not write the token: the disk is full\n"

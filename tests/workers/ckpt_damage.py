@@ -27,26 +27,11 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import disttrain as dt  # noqa: E402
+from disk_faults import FillDiskAt  # noqa: E402
 
 X = np.random.default_rng(0).normal(size=(48, 3)).astype("float32")
 DATA = tf.data.Dataset.from_tensor_slices((X, X @ np.array([[1.0], [-2.0], [0.5]], "float32")))
 GB = 16  # 3 steps an epoch
-
-
-class FillDiskAt(dt.Callback):
-    def __init__(self, path, step):
-        self.path, self.step = path, step
-
-    def on_step_logs(self, trainer, step, logs):
-        if step == self.step and backend.is_chief:
-            f = open(self.path, "wb", buffering=0)
-            try:
-                while True:
-                    f.write(b"\0" * 4096)
-            except OSError:
-                pass
-            finally:
-                f.close()
 
 
 def train(directory, *, epochs, callbacks=()):
