@@ -14,8 +14,8 @@ setup:
 	@bash scripts/setup.sh
 
 demo: setup
-	@echo "== disttrain demo 1/2: Horovod, 2 ranks (horovodrun -np 2 --gloo)"
-	$(VENV)/bin/horovodrun -np 2 -H localhost:2 --gloo $(PY) examples/digits.py --backend horovod
+	@echo "== disttrain demo 1/2: Horovod, 2 ranks (horovodrun -np 2 --gloo, under disttrain run: one exit code)"
+	$(VENV)/bin/disttrain run -- $(VENV)/bin/horovodrun -np 2 -H localhost:2 --gloo $(PY) examples/digits.py --backend horovod
 	@echo "== disttrain demo 2/2: MirroredStrategy on 2 logical CPU devices"
 	$(PY) examples/digits.py --backend mirrored --cpu-replicas 2
 	@echo "== TensorBoard logs of both runs are under runs/: $(VENV)/bin/tensorboard --logdir runs"
