@@ -274,21 +274,14 @@ class CheckpointSession:
         attempted = os.path.join(self._writer_dir, f"{checkpoint_files.PREFIX}-{int(counter.numpy())}")
         checkpoint_files.remove_partial(attempted)
         counter.assign_sub(1)  # the number is free again
-        variables = sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for v in self.checkpoint_variables())
         return checkpoint_files.describe_save_failure(path=attempted, err=err, rank=self.backend.rank,
                                                       previous=self._manager.latest_checkpoint,
-                                                      variables_bytes=variables,
+                                                      variables_bytes=self._variables_bytes(),
                                                       private=self._writer_dir != self.config.directory)
 
     def _agree_on_save(self, failure: str | None) -> None:
         """Every process learns whether every process saved (one all-reduce of one flag per rank)."""
-        backend = self.backend
-        if backend.size > 1:
-            flags = np.zeros([backend.size], np.int64)
-            flags[backend.rank] = int(failure is not None)
-            flags = np.asarray(backend.all_reduce(flags, "sum"))
-        else:
-            flags = np.array([int(failure is not None)])
+        flags = checkpoint_files.per_rank(self.backend, int(failure is not None))
         if failure is not None:
             print(f"disttrain: {failure}", file=sys.stderr, flush=True)
             raise CheckpointError(failure)
@@ -298,11 +291,10 @@ class CheckpointSession:
                                   f"{self.config.directory!r} (their message says why: disk full, not writable); "
                                   "every process stops; the previous checkpoint is intact")
 
-    def checkpoint_variables(self) -> list:
-        """The variables a checkpoint holds (for its size)."""
+    def _variables_bytes(self) -> int:
+        """The bytes of the models' and optimizers' variables (a checkpoint's size before one exists)."""
         objects = [*self.trainer.models, *self.trainer.optimizers]
-        variables = [v for o in objects for v in getattr(o, "variables", [])]
-        return [v for v in variables if hasattr(v, "shape") and hasattr(v, "dtype")]
+        return sum(int(np.prod(v.shape)) * tf.as_dtype(v.dtype).size for o in objects for v in o.variables)
 
     def save_at_end(self) -> None:
         """The final save of ``fit`` (skipped when this position is saved already)."""

@@ -246,7 +246,7 @@ _VIEWS = {0: "sees the chief's token: the same directory", 1: "does not see the 
 def check_directory(directory: str, *, backend: Any, writer_dir: str | None) -> None:
     """Checks, before the first step, that ``directory`` is writable and is the same directory on every
     process: the chief writes a random token there, every process reads it back, the chief removes it
-    (collective; two all-reduces of a few integers).
+    (collective: a broadcast of the token and one all-reduce of one integer per rank).
 
     Args:
       directory: The checkpoint directory.
@@ -266,8 +266,7 @@ def check_directory(directory: str, *, backend: Any, writer_dir: str | None) -> 
         except OSError as err:
             token, own_error = -1, f"{type(err).__name__}: {err}"
             full = err.errno == errno.ENOSPC
-    token = int(np.asarray(backend.all_reduce(np.array([token], np.int64), "max"))[0]) if backend.size > 1 \
-        else token
+    token = int(backend.broadcast(np.array([token], np.int64))[0])  # the chief's (-1: it could not write)
     view = 0
     if backend.is_chief and own_error:
         view = 6 if full else 5
@@ -286,10 +285,7 @@ def check_directory(directory: str, *, backend: Any, writer_dir: str | None) -> 
                 shutil.rmtree(writer_dir, ignore_errors=True)
             except OSError as err:
                 view, own_error = 4, f"{type(err).__name__}: {err}"
-    views = np.zeros([backend.size], np.int64)
-    views[backend.rank] = view
-    if backend.size > 1:
-        views = np.asarray(backend.all_reduce(views, "sum"))
+    views = per_rank(backend, view)
     if backend.is_chief and not own_error:  # every process has read it: the directory is left as it was
         try:
             os.remove(token_path)
@@ -311,6 +307,21 @@ def check_directory(directory: str, *, backend: Any, writer_dir: str | None) -> 
                "process the same path")
     raise CheckpointError(f"checkpoint directory {directory!r} cannot be used by every process{mine}:\n" +
                           "\n".join(lines) + f"\n{fix}")
+
+
+def per_rank(backend: Any, value: int) -> np.ndarray:
+    """Every process's ``value``, indexed by rank (collective: one all-reduce of ``size`` integers).
+
+    Args:
+      backend: The run's backend (its ``rank``, ``size`` and ``all_reduce``).
+      value: This process's integer.
+
+    Returns:
+      An int64 array of ``size`` values, the same on every process.
+    """
+    values = np.zeros([backend.size], np.int64)
+    values[backend.rank] = value
+    return np.asarray(backend.all_reduce(values, "sum"))
 
 
 def _write_atomically(path: str, text: str) -> None:
