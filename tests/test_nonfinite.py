@@ -109,3 +109,19 @@ def test_skip_reports_on_the_chief_and_a_clean_step_passes():
 def test_unknown_policy():
     with pytest.raises(ValueError, match=r"on_nonfinite='warn' is not supported; use one of 'raise', 'skip', 'ignore'"):
         nonfinite.check_policy("warn")
+
+
+def test_the_finiteness_test_reads_sums_and_keeps_each_dtype_s_range():
+    import tensorflow as tf
+
+    nan, inf = float("nan"), float("inf")
+    bad = lambda *values: float(nonfinite.is_bad(list(values)))  # noqa: E731
+    assert bad(tf.constant(1.0), tf.ones([3, 3]), None) == 0.0
+    assert bad(tf.constant(2.0), tf.constant([1.0, nan])) == 1.0
+    assert bad(tf.constant([inf, -inf])) == 1.0  # a sum of +Inf and -Inf is NaN, still caught
+    assert bad(tf.constant(-inf)) == 1.0  # a scalar (a loss) is its own sum
+    assert bad(tf.constant([60000.0, 60000.0], tf.float16)) == 0.0  # finite, though its float16 sum is not
+    assert bad(tf.constant([inf], tf.bfloat16)) == 1.0
+    assert bad(tf.constant([1e300, 1e300], tf.float64)) == 0.0  # finite in float64, not in float32
+    assert bad(tf.constant([nan], tf.float64), tf.constant(1.0)) == 1.0
+    assert bad(tf.constant([1, 2]), None) == 0.0  # integers are never non-finite
