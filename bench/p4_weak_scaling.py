@@ -2,12 +2,16 @@
 
     python bench/p4_weak_scaling.py [--reps 3]
 
-Each repetition launches, in rotating order: one process alone (the reference), 2 Horovod ranks
-(horovodrun --gloo), 2 MultiWorker workers (disttrain launch --tf-config), and, to separate what the
-machine costs from what communication costs, 2 independent single-device processes at the same time
-(no communication at all: the ceiling). Every process trains the same CNN with ``Trainer.fit`` on
-cached batches (32 images a replica), times ``--steps`` steps after a warm-up epoch and reports its
-examples/s. Ratios are per repetition: 2-rank per-rank throughput / the lone process's.
+Each repetition launches, in rotating order: one process alone (the reference); 2 Horovod ranks
+(horovodrun --gloo) and 2 MultiWorker workers (disttrain launch --tf-config), each with disttrain and with
+the peer's hand-written loop (Horovod's tensorflow2_synthetic_benchmark.py recipe: a ``tf.function`` step
+with ``hvd.grouped_allreduce``; TensorFlow's multi-worker custom-loop tutorial: ``strategy.run`` +
+``strategy.reduce``), same model, data, optimizer and threads; and, to separate what the machine costs from
+what communication costs, 2 independent single-device processes at the same time (no communication at
+all: the ceiling). Every process trains the same CNN on cached batches (32 images a replica) and times
+one epoch of ``--steps`` steps after a warm-up epoch (``Trainer.fit``, or the hand-written epoch: a new
+iterator, the steps, the epoch's mean loss over the ranks). Ratios are per repetition: 2-rank per-rank
+throughput / the lone process's, disttrain / hand-written, and disttrain / 2 independent.
 """
 
 from __future__ import annotations
@@ -44,7 +48,143 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
+def build_cnn():
+    """The benchmark's CNN (seeded: the same initial weights everywhere)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    return keras.Sequential([
+        keras.Input(shape=(32, 32, 3)),
+        keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
+        keras.layers.Conv2D(16, 3, padding="same", activation="relu"), keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+        keras.layers.Conv2D(32, 3, padding="same", activation="relu"), keras.layers.MaxPooling2D(),
+        keras.layers.Flatten(), keras.layers.Dense(10)])
+
+
+def cnn_data(rank: int):
+    """This rank's cached batches (``BATCH`` images a replica, repeated)."""
+    import numpy as np
+    import tensorflow as tf
+
+    rng = np.random.default_rng(rank)
+    x = rng.normal(size=(BATCH * 8, 32, 32, 3)).astype("float32")
+    y = rng.integers(0, 10, size=BATCH * 8).astype("int32")
+    return tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH, drop_remainder=True).cache().repeat()
+
+
+def report(args, *, steps_seconds: float, cpu_before: dict, per_rank: float, chief: bool) -> None:
+    cpu = {k: (v - cpu_before.get(k, 0.0)) / args.steps for k, v in thread_cpu().items()}
+    if chief:
+        with open(args.out, "w") as f:
+            json.dump({"per_rank": per_rank, "step_seconds": steps_seconds / args.steps,
+                       "cpu_per_step": {k: v for k, v in cpu.items() if v > 0}}, f)
+
+
+def threads_of_one() -> None:
+    """What a hand-written loop at 1 thread sets (disttrain does the same from DISTTRAIN_THREADS=1)."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+
+
+def horovod_hand_written(args) -> None:
+    """Horovod's own recipe (examples/tensorflow2/tensorflow2_synthetic_benchmark.py, adapted to Keras 3):
+    a ``tf.function`` step whose gradients go through one ``hvd.grouped_allreduce`` (the averaging
+    ``hvd.DistributedGradientTape`` does), variables broadcast from rank 0 once."""
+    threads_of_one()
+    import horovod.tensorflow as hvd
+    import keras
+    import tensorflow as tf
+
+    hvd.init()
+    model = build_cnn()
+    optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+    optimizer.build(model.trainable_variables)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    dataset = cnn_data(hvd.rank())
+
+    @tf.function
+    def step(iterator):
+        x, y = next(iterator)
+        with tf.GradientTape() as tape:
+            loss = loss_fn(y, model(x, training=True))
+        # what hvd.DistributedGradientTape does, written out: it cannot take Keras 3 variables (no .ref())
+        grads = hvd.grouped_allreduce(tape.gradient(loss, model.trainable_variables), op=hvd.Average)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return loss
+
+    # Keras 3 variables wrap a tf.Variable (``.value``), which is what Horovod assigns to
+    hvd.broadcast_variables([v.value for v in model.variables + optimizer.variables], root_rank=0)
+    def epoch(steps):  # as a user writes one: a new iterator, the steps, the epoch's mean loss over the ranks
+        iterator, total = iter(dataset), tf.constant(0.0)
+        for _ in range(steps):
+            total += step(iterator)
+        return float(hvd.allreduce(total / steps, op=hvd.Average))
+
+    epoch(5)  # warm-up: tracing
+    hvd.allreduce(tf.constant(0.0))  # a barrier
+    cpu_before, start = thread_cpu(), time.perf_counter()
+    epoch(args.steps)
+    seconds = time.perf_counter() - start
+    per_rank = float(hvd.allreduce(tf.constant(args.steps * BATCH / seconds), op=hvd.Average))
+    report(args, steps_seconds=seconds, cpu_before=cpu_before, per_rank=per_rank, chief=hvd.rank() == 0)
+
+
+def multiworker_hand_written(args) -> None:
+    """TensorFlow's custom-loop tutorial (distribute/multi_worker_with_ctl): ``strategy.run`` of a step
+    with ``tf.nn.compute_average_loss`` on a distributed dataset, ``strategy.reduce`` of the loss."""
+    threads_of_one()
+    import keras
+    import tensorflow as tf
+
+    strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    rank = strategy.cluster_resolver.task_id
+    global_batch = BATCH * strategy.num_replicas_in_sync
+    with strategy.scope():
+        model = build_cnn()
+        optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
+        optimizer.build(model.trainable_variables)
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    dataset = strategy.distribute_datasets_from_function(lambda context: cnn_data(rank).with_options(options))
+
+    @tf.function
+    def step(iterator):
+        def step_fn(batch):
+            x, y = batch
+            with tf.GradientTape() as tape:
+                loss = tf.nn.compute_average_loss(loss_fn(y, model(x, training=True)), global_batch_size=global_batch)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+
+        per_replica = strategy.run(step_fn, args=(next(iterator),))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    def epoch(steps):  # as the tutorial's epoch: a new iterator, the steps, the mean of the reduced losses
+        iterator, total = iter(dataset), tf.constant(0.0)
+        for _ in range(steps):
+            total += step(iterator)
+        return float(total / steps)
+
+    epoch(5)  # warm-up: tracing
+    strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(lambda: tf.constant(0.0)), axis=None)  # a barrier
+    cpu_before, start = thread_cpu(), time.perf_counter()
+    epoch(args.steps)
+    seconds = time.perf_counter() - start
+    mean = strategy.reduce(tf.distribute.ReduceOp.MEAN, strategy.run(
+        lambda: tf.constant(args.steps * BATCH / seconds)), axis=None)
+    report(args, steps_seconds=seconds, cpu_before=cpu_before, per_rank=float(mean), chief=rank == 0)
+
+
 def worker(args) -> None:
+    if args.backend == "horovod hand-written":
+        return horovod_hand_written(args)
+    if args.backend == "multiworker hand-written":
+        return multiworker_hand_written(args)
     import disttrain as dt
 
     options = {"cycle_time_ms": args.cycle_time_ms} if args.cycle_time_ms else {}
@@ -54,14 +194,7 @@ def worker(args) -> None:
     import tensorflow as tf
 
     with backend.scope():
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential([
-            keras.Input(shape=(32, 32, 3)),
-            keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
-            keras.layers.Conv2D(16, 3, padding="same", activation="relu"), keras.layers.MaxPooling2D(),
-            keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
-            keras.layers.Conv2D(32, 3, padding="same", activation="relu"), keras.layers.MaxPooling2D(),
-            keras.layers.Flatten(), keras.layers.Dense(10)])
+        model = build_cnn()
         optimizer = keras.optimizers.SGD(0.01, momentum=0.9)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction=None)
 
@@ -72,12 +205,8 @@ def worker(args) -> None:
         ctx.apply_gradients(optimizer, tape.gradient(loss, model.trainable_variables), model.trainable_variables)
         return loss
 
-    rng = np.random.default_rng(backend.rank)
-    x = rng.normal(size=(BATCH * 8, 32, 32, 3)).astype("float32")
-    y = rng.integers(0, 10, size=BATCH * 8).astype("int32")
-
     def cached(context):
-        return tf.data.Dataset.from_tensor_slices((x, y)).batch(BATCH, drop_remainder=True).cache().repeat()
+        return cnn_data(backend.rank)
 
     trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=train_step, backend=backend, verbose=0)
     gb = BATCH * backend.num_replicas
@@ -86,12 +215,8 @@ def worker(args) -> None:
     cpu_before, start = thread_cpu(), time.perf_counter()
     trainer.fit(cached, global_batch_size=gb, steps_per_epoch=args.steps)
     seconds = time.perf_counter() - start
-    cpu = {k: (v - cpu_before.get(k, 0.0)) / args.steps for k, v in thread_cpu().items()}
     rate = backend.all_reduce(args.steps * BATCH * backend.local_replicas / seconds, "mean")  # per rank
-    if backend.is_chief:
-        with open(args.out, "w") as f:
-            json.dump({"per_rank": rate, "step_seconds": seconds / args.steps,
-                       "cpu_per_step": {k: v for k, v in cpu.items() if v > 0}}, f)
+    report(args, steps_seconds=seconds, cpu_before=cpu_before, per_rank=rate, chief=backend.is_chief)
 
 
 PROFILES: dict[str, dict] = {}  # kind -> the chief's last {"step_seconds", "cpu_per_step"}
@@ -110,11 +235,13 @@ def launch(kind: str, args, tmp: str) -> float:
         cmds = [me + ["--backend", "single", "--out", o] for o in outs]
     elif kind.startswith("Horovod"):
         extra = ["--cycle-time-ms", str(args.cycle_time_ms)] if "cycle" in kind else []
+        which = "horovod hand-written" if "hand-written" in kind else "horovod"
         cmds = [[os.path.join(bindir, "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"] + me +
-                ["--backend", "horovod", "--out", outs[0]] + extra]
+                ["--backend", which, "--out", outs[0]] + extra]
     else:
+        which = "multiworker hand-written" if "hand-written" in kind else "multiworker"
         cmds = [[os.path.join(bindir, "disttrain"), "launch", "--tf-config", "-n", "2", "--"] + me +
-                ["--backend", "multiworker", "--out", outs[0]]]
+                ["--backend", which, "--out", outs[0]]]
     procs = [subprocess.Popen(c, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for c in cmds]
     rates = []
     for proc, out in zip(procs, outs):
@@ -137,6 +264,7 @@ def main(argv=None) -> int:
                         help="also time Horovod with this cycle (off by default: 0.56 at 10 ms against 0.64 at "
                              "the default 1 ms on 2026-11-26); a worker: this rank's setting")
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--kinds", default=None, help="comma-separated subset of the launches (development)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -144,7 +272,10 @@ def main(argv=None) -> int:
     if args.worker:
         worker(args)
         return 0
-    kinds = ["one process", "Horovod gloo", "MultiWorker", "2 independent"]
+    kinds = ["one process", "Horovod gloo", "Horovod hand-written", "MultiWorker", "MultiWorker hand-written",
+             "2 independent"]
+    if args.kinds:
+        kinds = ["one process"] + [k for k in args.kinds.split(",") if k != "one process"]
     if args.cycle_time_ms:
         kinds.append(f"Horovod gloo, cycle {args.cycle_time_ms:g} ms")
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,6 +289,15 @@ def main(argv=None) -> int:
             detail += "; no communication: what the 2 cores give two processes"
         rows.append((f"P4 {kind}", f"per-rank throughput, 2 x 1 thread ({kind}) / 1 x 1 thread", _common.ratios(rates[kind], base),
                      goal, detail))
+    # against the peers in the same run: the hand-written loops, and the machine's ceiling
+    for ours, theirs, goal in (("Horovod gloo", "Horovod hand-written", ">= 0.97"),
+                               ("MultiWorker", "MultiWorker hand-written", ">= 0.97"),
+                               ("Horovod gloo", "2 independent", ">= 0.85"), ("MultiWorker", "2 independent", None)):
+        if ours in rates and theirs in rates:
+            rows.append((f"P4 {ours} / {theirs}", f"per-rank throughput, disttrain {ours} / {theirs}",
+                         _common.ratios(rates[ours], rates[theirs]), goal,
+                         f"{statistics.median(rates[ours]):.0f} vs {statistics.median(rates[theirs]):.0f} examples/s "
+                         "per rank" + ("" if "hand" in theirs else "; the ceiling with no communication")))
     lines = ["## P4: weak scaling, compute-bound CNN, 2 ranks x 1 thread / 1 rank x 1 thread", "",
              f"Command: `{_common.command('p4_weak_scaling.py', argv)}`. CNN 4 x Conv2D(16/32) on 32x32x3, batch "
              f"{BATCH} per rank, SGD with momentum, {args.steps} timed steps after a warm-up; {args.reps} repetitions, "
