@@ -190,7 +190,6 @@ def worker(args) -> None:
     options = {"cycle_time_ms": args.cycle_time_ms} if args.cycle_time_ms else {}
     backend = dt.get_backend(args.backend, **options)
     import keras
-    import numpy as np
     import tensorflow as tf
 
     with backend.scope():
