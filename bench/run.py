@@ -85,7 +85,8 @@ def main(argv=None) -> int:
             sections.append(f"## {script.stem}\n\nFAILED (exit {proc.returncode}):\n\n```\n{proc.stderr[-2000:]}\n```\n")
         else:
             sections.append(proc.stdout.strip() + "\n")
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    rows = [r for r in records if "ratios" in r]  # _common.measure() records are single values, not rows
     results.unlink()
     notes = BENCH / "notes.md"
     report = HEADER.format(machine=platform.machine(), cores=os.cpu_count(), python=platform.python_version(),
