@@ -21,7 +21,8 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 # the issue's rows first (P1..P6), then anything else in bench/
-ORDER = ["p1_step_time", "p2_keras_fit", "p3_allreduce", "p4_weak_scaling", "input_pipeline", "p6_startup", "summaries"]
+ORDER = ["p1_step_time", "p2_keras_fit", "p3_allreduce", "p4_weak_scaling", "scaling_model", "input_pipeline",
+         "p6_startup", "summaries"]  # scaling_model reads what p3 and p4 measured
 HEADER = """# Benchmarks
 
 Each section is one benchmark run: its variants are measured interleaved (alternating, order rotating)
