@@ -3,7 +3,8 @@
 A benchmark measures its variants in alternating order within one process (or one launch), so noise
 from other jobs hits both sides of a pair alike, and reports for each row the median, min and max of
 the per-pair ratios (never a ratio of two separately taken medians), plus the load average while it ran.
-Each row is also appended as JSON to ``$BENCH_RESULTS`` (when set) for ``bench/run.py``'s plot.
+Each row is also appended as JSON to ``$BENCH_RESULTS`` (when set) for ``bench/run.py``'s plot, and
+single measured values (``measure``) go there too, for later benchmarks to read (``measurements``).
 """
 
 from __future__ import annotations
@@ -78,6 +79,33 @@ def record(row: str, pair_ratios: Sequence[float], goal: str | None) -> None:
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"row": row, "ratios": list(pair_ratios), "goal": goal}) + "\n")
+
+
+def measure(name: str, value: float, unit: str, what: str) -> None:
+    """Appends one measured value (not a ratio row: the plot skips it) to ``$BENCH_RESULTS``, for a later
+    benchmark (e.g. ``bench/scaling_model.py``) to read with ``measurements``.
+
+    Args:
+        name: a stable key, e.g. ``"P3 64 MiB bandwidth, Horovod path"``.
+        value: the number, in ``unit``.
+        unit: e.g. ``"GB/s"`` or ``"s"``.
+        what: one line on how it was measured.
+    """
+    path = os.environ.get("BENCH_RESULTS")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"measurement": name, "value": float(value), "unit": unit, "what": what}) + "\n")
+
+
+def measurements(path: str | None = None) -> dict[str, dict]:
+    """The ``measure`` records of a results file (default ``$BENCH_RESULTS``) by name (the last one of a
+    name wins); ``{}`` when there is no file."""
+    path = path or os.environ.get("BENCH_RESULTS")
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    return {r["measurement"]: r for r in records if "measurement" in r}
 
 
 def ratio_table(rows: list[tuple[str, str, Sequence[float], str | None, str]]) -> list[str]:

@@ -161,6 +161,15 @@ def report(args, argv, times) -> str:
                      f"step {ms(full)}; local {ms(local)}, reduction {ms(alone)}"))
         rows.append((f"P3 overlap {variant.split(', ')[1]} vs serial", f"step / (local step + reduction), {variant}",
                      _common.ratios(full, serial), None, "< 1 = some communication hidden behind compute"))
+    for side, name in (("dt", "Horovod path"), ("mpi", "mpi4py")):  # for bench/scaling_model.py
+        if f"{side} 64 MiB none" in times:
+            _common.measure(f"P3 64 MiB bandwidth, {name}", SIZES["64 MiB"] / statistics.median(
+                times[f"{side} 64 MiB none"]) / 1e9, "GB/s", "float32 bytes / time, 2 ranks, mpirun, loopback")
+            _common.measure(f"P3 1 KiB time, {name}", statistics.median(times[f"{side} 1 KiB none"]), "s",
+                            "seconds per 1 KiB all-reduce, 2 ranks, mpirun, loopback")
+    if alone:
+        _common.measure("P3 64 MiB bandwidth, Horovod gloo", SIZES["64 MiB"] / statistics.median(alone) / 1e9, "GB/s",
+                        "float32 bytes / time of the overlap part's reduction alone, 2 ranks, horovodrun --gloo")
     lines = ["## P3: 2-rank gradient all-reduce (Horovod over MPI vs mpi4py) and overlap with the backward pass", "",
              f"Command: `{_common.command('p3_allreduce.py', argv)}`. Bandwidth: `mpirun -np 2`; overlap: "
              f"`horovodrun -np 2 --gloo`; 1 thread per rank; {args.reps} interleaved repetitions; each time is "

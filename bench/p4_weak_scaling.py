@@ -280,6 +280,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         rates = _common.interleaved({k: (lambda k=k: launch(k, args, tmp)) for k in kinds}, reps=args.reps)
     base = rates["one process"]
+    for kind in kinds:  # for bench/scaling_model.py: seconds per step of one rank (median over repetitions)
+        _common.measure(f"P4 step time, {kind}", BATCH / statistics.median(rates[kind]), "s",
+                        f"{BATCH} images / median per-rank examples/s, CNN of P4, {kind}")
     rows = []
     for kind in kinds[1:]:
         goal = ">= 0.9" if kind in ("Horovod gloo", "MultiWorker") else None

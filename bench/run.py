@@ -21,7 +21,8 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 # the issue's rows first (P1..P6), then anything else in bench/
-ORDER = ["p1_step_time", "p2_keras_fit", "p3_allreduce", "p4_weak_scaling", "input_pipeline", "p6_startup", "summaries"]
+ORDER = ["p1_step_time", "p2_keras_fit", "p3_allreduce", "p4_weak_scaling", "scaling_model", "input_pipeline",
+         "p6_startup", "summaries"]  # scaling_model reads what p3 and p4 measured
 HEADER = """# Benchmarks
 
 Each section is one benchmark run: its variants are measured interleaved (alternating, order rotating)
@@ -85,7 +86,8 @@ def main(argv=None) -> int:
             sections.append(f"## {script.stem}\n\nFAILED (exit {proc.returncode}):\n\n```\n{proc.stderr[-2000:]}\n```\n")
         else:
             sections.append(proc.stdout.strip() + "\n")
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    rows = [r for r in records if "ratios" in r]  # _common.measure() records are single values, not rows
     results.unlink()
     notes = BENCH / "notes.md"
     report = HEADER.format(machine=platform.machine(), cores=os.cpu_count(), python=platform.python_version(),
