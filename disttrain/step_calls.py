@@ -1,5 +1,8 @@
 """What the training loop does per compiled call, kept cheap: on a small model it is a share of the step.
 
+* :class:`CompiledCalls` holds the trainer's compiled steps (traced once per variant) and makes each call:
+  under the stall watchdog, with a labels/model dtype clash and a lost peer explained, its result as one
+  :class:`disttrain.step_functions.StepResult` whatever the variant.
 * :class:`ConcreteCalls` calls ``run`` / ``run_many`` through their concrete functions. A ``tf.function``
   call matches its arguments against its traces every time (the iterator's type spec, each keyword's
   default, a function-type hash): 0.1-0.2 ms a call on 2 cores, as much as a whole step of a tiny model.
@@ -11,10 +14,113 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import numpy as np
 import tensorflow as tf
+
+from disttrain import data_checks, step_functions
+from disttrain.backends import Backend, failures
+from disttrain.run_position import RunPosition
+from disttrain.step_functions import CompiledSteps, StepResult
+
+
+class CompiledCalls:
+    """The compiled step variants of one trainer, and each call of one (see the module docs).
+
+    A variant's key is ``(kind, global_batch_size, gradients, masked)``: ``kind`` ``"train"`` or ``"eval"``.
+
+    Args:
+      backend: The trainer's backend.
+      model: The trainer's model (named when the labels' dtype does not fit its output).
+      train_step: The user's train step.
+      eval_step: The user's eval step, or None.
+      accumulation_steps: The train step's micro-batches.
+      on_nonfinite: The train step's policy (the eval step ignores non-finite values).
+      marker: The stall watchdog's in-graph marker, or None.
+      position: The trainer's position (read: a call's name and where a lost peer left the loop).
+      locate: ``fn(running=...)``: the loop's position for a failure report.
+      resume: How to resume after a failure (the checkpoint directory's hint).
+
+    Attributes:
+      functions: ``{key: CompiledSteps}``, traced so far.
+      watchdog: The armed :class:`disttrain.watchdog.Watchdog` of the running ``fit``/``evaluate``, or None.
+    """
+
+    def __init__(self, *, backend: Backend, model: Any, train_step: Callable, eval_step: Callable | None,
+                 accumulation_steps: int, on_nonfinite: str, marker: Any, position: RunPosition,
+                 locate: Callable[..., failures.Position], resume: str):
+        self.backend, self.model, self.marker = backend, model, marker
+        self._steps = {"train": train_step, "eval": eval_step}
+        self._accumulation_steps, self._on_nonfinite = accumulation_steps, on_nonfinite
+        self.position, self._locate, self._resume = position, locate, resume
+        self.functions: dict[tuple, CompiledSteps] = {}
+        self.watchdog: Any = None
+        self._called: set[tuple] = set()  # compiled steps called once (traced) already
+        self._calls = 0  # compiled step calls under the watchdog (the value of its in-graph marks)
+
+    def compiled(self, key: tuple) -> CompiledSteps:
+        """The compiled steps of variant ``key`` (see :mod:`disttrain.step_functions`), traced once."""
+        if key not in self.functions:
+            kind, global_batch_size, gradients, masked = key
+            self.functions[key] = step_functions.compile_steps(
+                step=self._steps[kind], backend=self.backend, global_batch_size=global_batch_size,
+                gradients=gradients, masked=masked, marker=self.marker,
+                accumulation_steps=self._accumulation_steps if kind == "train" else 1,
+                on_nonfinite=self._on_nonfinite if kind == "train" else "ignore")
+        return self.functions[key]
+
+    def reset(self) -> None:
+        """Drops the traced steps, so the next is traced again."""
+        self.functions.clear()
+        self._called.clear()
+
+    def call(self, key: tuple, fn: Callable, args: tuple, control: Any, *, element_spec: Any,
+             count: int = 1) -> StepResult:
+        """Calls the compiled ``fn(*args, control, mark)`` of variant ``key`` (``count`` steps).
+
+        Args:
+          key: The variant.
+          fn: One of its functions (or a :class:`ConcreteCalls` partial of one).
+          args: Its arguments before ``control``.
+          control: Checkpointing's flags, or None.
+          element_spec: The input's element spec (to explain a dtype clash).
+          count: Steps the call runs.
+
+        Returns:
+          The call's :class:`disttrain.step_functions.StepResult`.
+
+        Raises:
+          TypeError: A dtype clash between the labels and the model's output (which TF reports when it
+            traces the step), with both dtypes and the fix.
+          disttrain.CollectiveError: A failed collective the backend calls a lost peer.
+        """
+        compiled, watchdog = self.functions[key], self.watchdog
+        name_ = name(key[0], self.position.global_step, count)
+        try:
+            if watchdog is None:
+                value = fn(*args, control, None)
+            else:
+                self._calls += 1  # the marks' value for this call
+                first = key not in self._called
+                self._called.add(key)
+                watchdog.step_applies_gradients = compiled.ctx.applies_gradients
+                with watchdog.phase("step", name_, mark=self._calls, first=first, count=count):
+                    value = fn(*args, control, tf.constant(self._calls, tf.int64))
+        except TypeError as err:
+            explained = data_checks.explain_dtype_mismatch(err, element_spec=element_spec, model=self.model)
+            if explained is None:
+                raise
+            raise explained from err
+        except Exception as err:  # noqa: BLE001 - re-raised as it is unless the backend calls it a lost peer
+            if (lost := failures.translate(
+                    self.backend, err, phase=f"compiled {name_}",
+                    position=functools.partial(self._locate, running=key[0] == "train"),
+                    resume=self._resume)) is None:
+                raise
+            raise lost from err
+        return StepResult.of(value, gradients=key[2], control=control is not None)
 
 
 class ConcreteCalls:

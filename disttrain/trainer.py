@@ -9,10 +9,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from disttrain import data as data_lib
-from disttrain import data_checks
 from disttrain import drift as drift_lib
 from disttrain import epoch_agreement
 from disttrain import metrics as metrics_lib
@@ -27,6 +25,7 @@ from disttrain.progress import ProgressBar
 from disttrain.backends import Backend, get_backend
 from disttrain.backends import failures
 from disttrain.callbacks import Callback, current_learning_rate, dispatch
+from disttrain.run_position import RunPosition
 from disttrain.step_context import StepContext
 from disttrain.totals import EpochTotals
 
@@ -109,8 +108,6 @@ class Trainer:
         self.step_timeout = watchdog_lib.timeout_from(step_timeout, default=self.backend.default_step_timeout)
         self._marker = watchdog_lib.GradientMarker(backend=self.backend) if self.step_timeout else None
         self._watchdog: watchdog_lib.Watchdog | None = None
-        self._called: set[tuple] = set()  # compiled steps called once (traced) already
-        self._step_calls = 0  # compiled step calls under the watchdog (the value of its in-graph marks)
         self.accumulation_steps = step_functions.check_accumulation_steps(accumulation_steps)
         self.model = model
         self._train_step, self._eval_step = train_step, eval_step
@@ -118,11 +115,10 @@ class Trainer:
         self.eval_metrics = metrics_lib.as_list(eval_metrics, scope=self.backend.scope)
         self.callbacks = list(callbacks)
         self.verbose = verbose
-        self._print = print_fn or functools.partial(print, flush=True)
+        self.print = print_fn or functools.partial(print, flush=True)
         if verbose >= 2:
             self.callbacks.append(ProgressBar())
         self.log_every_steps = log_every_steps
-        self.epoch = self.epoch_step = self.epoch_steps = 0
         self.global_batch_size = 0  # of the running fit (read by callbacks, e.g. LR scaling)
         self.fit_config: dict[str, Any] = {}
         self.models = list(model) if isinstance(model, (list, tuple)) else [model]
@@ -138,8 +134,7 @@ class Trainer:
             variables=self.trainable_variables + [v for o in self.optimizers for v in o.variables])
         # Train steps run, across fits; starts at the optimizer's count (a model trained before). The trainer
         # keeps its own count: a LossScaleOptimizer does not count the steps it skips.
-        self.global_step = int(np.asarray(self.optimizer.iterations))
-        self._functions: dict[tuple, Callable] = {}
+        self.position = RunPosition(global_step=int(np.asarray(self.optimizer.iterations)))
         # the last pipeline of the training and of the evaluation data, reused for the same data
         self._pipelines = {kind: epoch_agreement.PipelineCache() for kind in ("train", "eval")}
         self.history: dict[str, list[float]] = {}
@@ -147,6 +142,31 @@ class Trainer:
         self.epoch_lr: float | None = None  # the LR logged for the running epoch (that of its first step)
         self.checkpointing = checkpoint_lib.session(checkpointing, trainer=self)
         self._resume = failures.resume_hint(checkpointing.directory if checkpointing else None)
+        self._calls = step_calls.CompiledCalls(
+            backend=self.backend, model=self.model, train_step=train_step, eval_step=eval_step,
+            accumulation_steps=self.accumulation_steps, on_nonfinite=self.on_nonfinite, marker=self._marker,
+            position=self.position, locate=self._position, resume=self._resume)
+        self._functions = self._calls.functions  # {variant: compiled steps}
+
+    @property
+    def global_step(self) -> int:
+        """Train steps done, across fits (``position.global_step``)."""
+        return self.position.global_step
+
+    @property
+    def epoch(self) -> int:
+        """The epoch under way, or the next one between epochs (0-based; ``position.epoch``)."""
+        return self.position.epoch
+
+    @property
+    def epoch_step(self) -> int:
+        """Steps of the epoch under way done (``position.epoch_step``)."""
+        return self.position.epoch_step
+
+    @property
+    def epoch_steps(self) -> int | None:
+        """Steps the epoch under way has (``position.epoch_steps``; None: not known)."""
+        return self.position.epoch_steps
 
     @property
     def trainable_variables(self) -> list:
@@ -168,23 +188,9 @@ class Trainer:
         return serving.save_model(model=model, models=self.models, backend=self.backend, path=path,
                                   overwrite=overwrite)
 
-    # -- compiled steps ------------------------------------------------------------------------
-    def _function(self, kind: str, global_batch_size: int, *, gradients: bool = False,
-                  masked: bool = False) -> step_functions.CompiledSteps:
-        """The compiled steps (see :mod:`disttrain.step_functions`), traced once per variant."""
-        key = (kind, global_batch_size, gradients, masked)
-        if key not in self._functions:
-            self._functions[key] = step_functions.compile_steps(
-                step=self._train_step if kind == "train" else self._eval_step, backend=self.backend,
-                global_batch_size=global_batch_size, gradients=gradients, masked=masked,
-                accumulation_steps=self.accumulation_steps if kind == "train" else 1, marker=self._marker,
-                on_nonfinite=self.on_nonfinite if kind == "train" else "ignore")
-        return self._functions[key]
-
     def reset_compiled_steps(self) -> None:
         """Drops the traced steps, so the next is traced again (e.g. after the optimizer's LR object changed)."""
-        self._functions.clear()
-        self._called.clear()
+        self._calls.reset()
 
     def _run_epoch(self, kind: str, data: Any, *, global_batch_size: int, epoch: int,
                    steps: int | None, seed: int | None, remainder: str = "drop",
@@ -202,21 +208,24 @@ class Trainer:
                                                   seed=seed, steps=steps, remainder=remainder, skip_steps=done,
                                                   pipelines=self._pipelines[kind])
         totals = EpochTotals(backend=backend, metrics=metrics, carry=resume.carry if resume is not None else None)
+        position = self.position
         if kind == "train":
-            self.epoch_step = done
-            self.epoch_steps = None if epoch_input.steps is None else done + epoch_input.steps
+            position.epoch_step = done
+            position.epoch_steps = None if epoch_input.steps is None else done + epoch_input.steps
         if step_logger is not None:  # with unknown lengths, steps_per_epoch is the best guess of the total
-            step_logger.begin_epoch(steps=self.epoch_steps or epoch_input.max_steps, done=done)
+            position.epoch_steps = position.epoch_steps or epoch_input.max_steps
+            step_logger.begin_epoch(done=done)
         start = time.perf_counter()
         ran, traced = 0, [0, 0.0]  # steps and seconds of the calls that traced a step function (not timed)
         calls = step_calls.ConcreteCalls()  # this epoch's concrete functions (see disttrain.step_calls)
-        where = lambda: f"epoch {epoch + 1}, step {done + ran + 1}/{self.epoch_steps}"  # noqa: E731
+        where = lambda: f"epoch {epoch + 1}, step {done + ran + 1}/{position.epoch_steps}"  # noqa: E731
         checkpoint_every = session.config.every_steps if session is not None else None
         while epoch_input.steps is None or ran < epoch_input.steps:
-            wants_gradients = step_logger is not None and step_logger.wants_gradients(self.global_step + 1)
-            compiled = self._function(kind, global_batch_size, gradients=wants_gradients, masked=epoch_input.masked)
+            wants_gradients = step_logger is not None and step_logger.wants_gradients(position.global_step + 1)
+            key = (kind, global_batch_size, wants_gradients, epoch_input.masked)
+            compiled = self._calls.compiled(key)
             control = session.control() if session is not None else None
-            count, key = 1, (kind, global_batch_size, wants_gradients, epoch_input.masked)
+            count = 1
             spec = epoch_input.element_spec
             call_start, tracings = time.perf_counter(), step_calls.tracings(compiled)
             if epoch_input.steps is None:  # unknown length: the processes agree on every batch
@@ -224,47 +233,46 @@ class Trainer:
                     batch = epoch_input.next_agreed()
                 if batch is None:
                     break
-                result = self._call(key, compiled, compiled.run_batch, (batch,), control, element_spec=spec)
+                result = self._calls.call(key, compiled.run_batch, (batch,), control, element_spec=spec)
             else:
                 if not wants_gradients:
                     count = step_calls.call_length(
-                        step=self.global_step, steps_per_execution=steps_per_execution,
+                        step=position.global_step, steps_per_execution=steps_per_execution,
                         remaining=epoch_input.steps - ran, drift_every_steps=self._drift.every_steps,
                         intervals=step_logger.intervals if step_logger is not None and kind == "train" else None,
                         checkpoint_every_steps=checkpoint_every)
                 if count == 1:
-                    result = self._call(key, compiled, functools.partial(calls, compiled.run), (epoch_input.iterator,),
-                                        control, element_spec=spec)
+                    result = self._calls.call(key, functools.partial(calls, compiled.run), (epoch_input.iterator,),
+                                              control, element_spec=spec)
                 else:
-                    result = self._call(key, compiled, functools.partial(calls, compiled.run_many),
-                                        (epoch_input.iterator, calls.count(count)), control, element_spec=spec,
-                                        count=count)
+                    result = self._calls.call(key, functools.partial(calls, compiled.run_many),
+                                              (epoch_input.iterator, calls.count(count)), control, element_spec=spec,
+                                              count=count)
             if step_calls.tracings(compiled) != tracings:  # this call traced: its time is left out
                 traced = [traced[0] + count, traced[1] + time.perf_counter() - call_start]
                 step_logger is not None and step_logger.exclude(steps=count, seconds=time.perf_counter() - call_start)
-            if session is not None:
-                result, control = result
-            outputs, grads = result if wants_gradients else (result, None)
-            outputs = self._nonfinite.after_call(outputs, first_step=self.global_step + 1, count=count, where=where)
+            outputs = self._nonfinite.after_call(result.outputs, first_step=position.global_step + 1, count=count,
+                                                 where=where)
             totals.add(outputs)
             ran += count
             if kind == "train":
-                self.global_step += count
-                self.epoch_step = done + ran
+                position.global_step += count
+                position.epoch_step = done + ran
             if step_logger is not None:
-                step_logger.after_step(step=self.global_step, epoch_step=done + ran, totals=totals, gradients=grads)
-            if kind == "train" and self._drift.due(self.global_step):
-                self._drift.check(where=f"after global step {self.global_step}")
+                step_logger.after_step(step=position.global_step, epoch_step=done + ran, totals=totals,
+                                       gradients=result.grads)
+            if kind == "train" and self._drift.due(position.global_step):
+                self._drift.check(where=f"after global step {position.global_step}")
             if session is not None:
                 with self._phase("checkpoint", "the checkpoint after a step"):
-                    session.after_step(control=control, totals=totals)
+                    session.after_step(control=result.control, totals=totals)
         steps = done + ran
         if steps == 0:
             raise ValueError(f"an epoch has 0 steps of global batch {global_batch_size}: a pipeline of unknown length "
                              "ended before the first step (is the input empty, e.g. filtered away?); "
                              "use a smaller global batch or more data")
         if kind == "train":
-            self.epoch_steps = steps
+            position.epoch_steps = steps
         # One all-reduce per epoch: the step values, the wall time, the count of real examples (padded
         # input) and the metrics' states: every process reports the same numbers.
         timed = ran - traced[0]  # the same on every process (they trace alike); 0: time everything
@@ -272,37 +280,12 @@ class Trainer:
         logs = nonfinite.epoch_logs(reduced, steps=steps, global_batch_size=global_batch_size, masked=epoch_input.masked)
         return logs, (timed or ran), reduced.seconds / backend.size, traced[1] if timed else 0.0
 
-    def _call(self, key: tuple, compiled: step_functions.CompiledSteps, fn: Callable, args: tuple, control: Any,
-              *, element_spec: Any, count: int = 1) -> Any:
-        """Calls the compiled ``fn(*args, control)`` (``count`` steps), watched by the watchdog; a dtype clash
-        between the labels (of ``element_spec``) and the model's output, which TF reports when it traces the
-        step, is re-raised with both dtypes and the fix; a failed collective as :class:`disttrain.CollectiveError`."""
-        try:
-            if self._watchdog is None:
-                return fn(*args, control, None)
-            self._step_calls += 1  # the marks' value for this call
-            first = key not in self._called
-            self._called.add(key)
-            self._watchdog.step_applies_gradients = compiled.ctx.applies_gradients
-            with self._watchdog.phase("step", step_calls.name(key[0], self.global_step, count), mark=self._step_calls,
-                                      first=first, count=count):
-                return fn(*args, control, tf.constant(self._step_calls, tf.int64))
-        except TypeError as err:
-            explained = data_checks.explain_dtype_mismatch(err, element_spec=element_spec, model=self.model)
-            if explained is None:
-                raise
-            raise explained from err
-        except Exception as err:  # noqa: BLE001 - re-raised as it is unless the backend calls it a lost peer
-            if (lost := failures.translate(
-                    self.backend, err, phase=f"compiled {step_calls.name(key[0], self.global_step, count)}",
-                    position=functools.partial(self._position, running=key[0] == "train"), resume=self._resume)) is None:
-                raise
-            raise lost from err
-
     def _position(self, *, running: bool = False) -> failures.Position:
         """Where the loop is: in the next train step (``running``) or after the last one."""
-        return failures.Position(global_step=self.global_step + running, epoch=self.epoch + 1,
-                                 epoch_step=self.epoch_step + running, epoch_steps=self.epoch_steps, running=running)
+        position = self.position
+        return failures.Position(global_step=position.global_step + running, epoch=position.epoch + 1,
+                                 epoch_step=position.epoch_step + running, epoch_steps=position.epoch_steps,
+                                 running=running)
 
     def _phase(self, kind: str, what: str) -> contextlib.AbstractContextManager:
         return self._watchdog.phase(kind, what) if self._watchdog is not None else contextlib.nullcontext()
@@ -313,19 +296,26 @@ class Trainer:
         if not self.step_timeout or self._watchdog is not None:
             yield
             return
-        backend = self.backend
+        backend, position = self.backend, self.position
         self._watchdog = watchdog_lib.Watchdog(
             timeout=self.step_timeout, identity=f"{backend.name}: rank {backend.rank} of {backend.size}",
-            where=lambda: (f"after global step {self.global_step} (epoch {self.epoch + 1}, step {self.epoch_step}/"
-                           f"{self.epoch_steps if self.epoch_steps is not None else '?'})"),
+            where=lambda: (f"after global step {position.global_step} (epoch {position.epoch + 1}, step "
+                           f"{position.epoch_step}/{position.epoch_steps if position.epoch_steps is not None else '?'})"),
             hint=backend.stall_hint(), input_waits_for_peers=backend.input_waits_for_peers, marker=self._marker)
+        self._calls.watchdog = self._watchdog
         try:
             with self._watchdog:
                 yield
         finally:
-            self._watchdog = None
+            self._watchdog = self._calls.watchdog = None
 
-    def _dispatch(self, hook: str, *args: Any) -> None:
+    def dispatch(self, hook: str, *args: Any) -> None:
+        """Calls ``callback.<hook>(self, *args)`` on every callback, in order (timed by the stall watchdog).
+
+        Args:
+          hook: The :class:`Callback` method, e.g. ``"on_step_logs"``.
+          *args: Its arguments after the trainer.
+        """
         dispatch(self.callbacks, hook, self, *args,
                  phase=None if self._watchdog is None else functools.partial(self._watchdog.phase, "callback"))
 
@@ -403,10 +393,11 @@ class Trainer:
         resume = session.restore() if session is not None and not session.restored else None
         first_epoch = initial_epoch
         if resume is not None:
-            self.global_step, self.epoch, self.epoch_step = resume.global_step, resume.epoch, resume.epoch_step
+            self.position.global_step, self.position.epoch = resume.global_step, resume.epoch
+            self.position.epoch_step = resume.epoch_step
             first_epoch = resume.epoch
             self.history = {k: list(v) for k, v in resume.history.items()}
-        self._dispatch("on_train_begin")
+        self.dispatch("on_train_begin")
         logs: dict[str, float] = {}
         # The signal watcher stays installed until a preempted process has exited: a launcher that signals
         # again while it ends (horovodrun does) must not turn its exit code 42 into 143.
@@ -419,17 +410,17 @@ class Trainer:
                         remainder=remainder, step_logger=step_logger,
                         resume=resume if resume is not None and epoch == resume.epoch else None,
                         validation=(validation_data, validation_batch_size, validation_steps))
-                    self.epoch, self.epoch_step = epoch + 1, 0  # the position after a finished epoch
+                    self.position.epoch, self.position.epoch_step = epoch + 1, 0  # after a finished epoch
                     if self.stop_training:
                         break
                 if session is not None:
                     session.save_at_end()
             except Preempted:
-                self._dispatch("on_train_end", logs)  # summaries and logs are flushed
+                self.dispatch("on_train_end", logs)  # summaries and logs are flushed
                 if session.config.exit_on_preemption:
                     exit_now()
                 raise
-        self._dispatch("on_train_end", logs)
+        self.dispatch("on_train_end", logs)
         return self.history
 
     def _train_epoch(self, data: Any, *, epoch: int, steps_per_epoch: int | None, shuffle_seed: int | None,
@@ -437,8 +428,8 @@ class Trainer:
                      validation: tuple) -> dict[str, float]:
         """One epoch of :meth:`fit`: the steps, validation, callbacks, history and the epoch line."""
         global_batch_size = self.global_batch_size
-        self.epoch = epoch
-        self._dispatch("on_epoch_begin", epoch)
+        self.position.epoch = epoch
+        self.dispatch("on_epoch_begin", epoch)
         metrics_lib.reset(self.metrics)
         resumed_lr = resume.epoch_lr if resume is not None and resume.epoch_step else None
         self.epoch_lr = resumed_lr if resumed_lr is not None else current_learning_rate(self.optimizer)
@@ -454,14 +445,14 @@ class Trainer:
             val = self.evaluate(validation_data, global_batch_size=validation_batch_size or global_batch_size,
                                 steps=validation_steps, steps_per_execution=self.fit_config["steps_per_execution"])
             logs.update({f"val_{k}": v for k, v in val.items()})
-        self._dispatch("on_epoch_end", epoch, logs)
+        self.dispatch("on_epoch_end", epoch, logs)
         for name, value in logs.items():
             self.history.setdefault(name, []).append(value)
         if self.verbose == 1 and self.backend.is_chief:
             shown = " - ".join(f"{k} {v:.4g}" for k, v in logs.items() if k not in ("examples_per_sec", "step_time"))
             total = self.fit_config["initial_epoch"] + self.fit_config["epochs"]
             timing = f"examples/s, without {untimed:.2f}s of tracing" if untimed else "examples/s"
-            self._print(f"epoch {epoch + 1}/{total} - {shown} - {seconds + untimed:.2f}s "
+            self.print(f"epoch {epoch + 1}/{total} - {shown} - {seconds + untimed:.2f}s "
                         f"({logs['examples_per_sec']:.0f} {timing})")
         return logs
 

@@ -68,3 +68,22 @@ def test_no_import_circle():
 def test_no_module_over_500_lines():
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in PACKAGE.rglob("*.py")}
     assert {p: n for p, n in sizes.items() if n > MAX_LINES} == {}, sorted(sizes.items(), key=lambda kv: -kv[1])[:5]
+
+
+POSITION_FIELDS = {"global_step", "epoch", "epoch_step", "epoch_steps"}
+
+
+def test_only_the_loop_writes_the_run_position():
+    """The trainer's RunPosition (and the trainer's position properties) are assigned in trainer.py only."""
+    writers = []
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "trainer.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = node.targets if isinstance(node, ast.Assign) else \
+                [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign)) else []
+            for target in (t for group in targets for t in (group.elts if isinstance(group, ast.Tuple) else [group])):
+                if isinstance(target, ast.Attribute) and target.attr in POSITION_FIELDS and \
+                        ast.unparse(target.value).split(".")[-1] in ("position", "trainer"):
+                    writers.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.unparse(target)}")
+    assert writers == [], writers
