@@ -9,7 +9,7 @@ import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
     from disttrain.backends import Backend
-    from disttrain.run_position import RunPosition
+    from disttrain.loop.position import RunPosition
 
 
 class RunningTrainer(Protocol):
@@ -18,7 +18,7 @@ class RunningTrainer(Protocol):
 
     Attributes:
       backend: The trainer's backend.
-      position: Where the loop is (:class:`disttrain.run_position.RunPosition`; read it, never write it).
+      position: Where the loop is (:class:`disttrain.loop.position.RunPosition`; read it, never write it).
       callbacks: The trainer's callbacks, in order.
       models: The trainer's models.
       optimizers: The trainer's optimizers; ``optimizer`` is the first, whose learning rate is logged.
@@ -111,7 +111,7 @@ class Callback:
           step: The global train step (continues across epochs).
           logs: Each step output's running mean over the epoch, each metric, ``lr``, and
             ``examples_per_sec`` / ``step_time`` over the steps since the last call (the calls that
-            traced a step function left out, see ``disttrain.step_logs``).
+            traced a step function left out, see ``disttrain.loop.step_logs``).
         """
 
     def on_histograms(self, trainer: "RunningTrainer", step: int, gradients: dict) -> None:

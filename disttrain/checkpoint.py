@@ -37,7 +37,7 @@ import tensorflow as tf
 from disttrain import checkpoint_files, elastic_worker, exit_status
 from disttrain.checkpoint_files import CheckpointError
 from disttrain.preemption import DEFAULT_SIGNALS, PREEMPTION_EXIT_CODE, Preempted, SignalWatcher
-from disttrain.totals import Carry, EpochTotals
+from disttrain.loop.totals import Carry, EpochTotals
 
 if TYPE_CHECKING:  # pragma: no cover
     from disttrain.callbacks import RunningTrainer

@@ -10,13 +10,13 @@ from typing import Any, Callable, Iterable, Sequence
 import keras
 import numpy as np
 
-from disttrain import data as data_lib
+from disttrain.input import data as data_lib
 from disttrain import drift as drift_lib
-from disttrain import epoch_agreement
+from disttrain.input import epoch_agreement
 from disttrain import metrics as metrics_lib
 from disttrain import models as models_lib
 from disttrain import nonfinite, serving
-from disttrain import step_calls, step_functions, step_logs
+from disttrain.loop import step_calls, step_functions, step_logs
 from disttrain import watchdog as watchdog_lib
 from disttrain import checkpoint as checkpoint_lib
 from disttrain.checkpoint import Checkpointing, Progress
@@ -25,9 +25,9 @@ from disttrain.progress import ProgressBar
 from disttrain.backends import Backend, get_backend
 from disttrain.backends import failures
 from disttrain.callbacks import Callback, current_learning_rate, dispatch
-from disttrain.run_position import RunPosition
-from disttrain.step_context import StepContext
-from disttrain.totals import EpochTotals
+from disttrain.loop.position import RunPosition
+from disttrain.loop.step_context import StepContext
+from disttrain.loop.totals import EpochTotals
 
 
 StepFn = Callable[[StepContext, Any], Any]
@@ -217,7 +217,7 @@ class Trainer:
             step_logger.begin_epoch(done=done)
         start = time.perf_counter()
         ran, traced = 0, [0, 0.0]  # steps and seconds of the calls that traced a step function (not timed)
-        calls = step_calls.ConcreteCalls()  # this epoch's concrete functions (see disttrain.step_calls)
+        calls = step_calls.ConcreteCalls()  # this epoch's concrete functions (see disttrain.loop.step_calls)
         where = lambda: f"epoch {epoch + 1}, step {done + ran + 1}/{position.epoch_steps}"  # noqa: E731
         checkpoint_every = session.config.every_steps if session is not None else None
         while epoch_input.steps is None or ran < epoch_input.steps:

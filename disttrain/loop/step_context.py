@@ -57,7 +57,7 @@ class StepContext:
         return self._traced_apply or not self._traced
 
     def begin_trace(self, mark: Any, batch: Any) -> Any:
-        """Called by the compiled steps (:mod:`disttrain.step_functions`) when the step is traced on a replica,
+        """Called by the compiled steps (:mod:`disttrain.loop.step_functions`) when the step is traced on a replica,
         before the user's step runs.
 
         Args:

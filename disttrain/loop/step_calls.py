@@ -2,7 +2,7 @@
 
 * :class:`CompiledCalls` holds the trainer's compiled steps (traced once per variant) and makes each call:
   under the stall watchdog, with a labels/model dtype clash and a lost peer explained, its result as one
-  :class:`disttrain.step_functions.StepResult` whatever the variant.
+  :class:`disttrain.loop.step_functions.StepResult` whatever the variant.
 * :class:`ConcreteCalls` calls ``run`` / ``run_many`` through their concrete functions. A ``tf.function``
   call matches its arguments against its traces every time (the iterator's type spec, each keyword's
   default, a function-type hash): 0.1-0.2 ms a call on 2 cores, as much as a whole step of a tiny model.
@@ -20,10 +20,11 @@ from typing import Any, Callable
 import numpy as np
 import tensorflow as tf
 
-from disttrain import data_checks, step_functions
+from disttrain.input import data_checks
+from disttrain.loop import step_functions
 from disttrain.backends import Backend, failures
-from disttrain.run_position import RunPosition
-from disttrain.step_functions import CompiledSteps, StepResult
+from disttrain.loop.position import RunPosition
+from disttrain.loop.step_functions import CompiledSteps, StepResult
 
 
 class CompiledCalls:
@@ -61,7 +62,7 @@ class CompiledCalls:
         self._calls = 0  # compiled step calls under the watchdog (the value of its in-graph marks)
 
     def compiled(self, key: tuple) -> CompiledSteps:
-        """The compiled steps of variant ``key`` (see :mod:`disttrain.step_functions`), traced once."""
+        """The compiled steps of variant ``key`` (see :mod:`disttrain.loop.step_functions`), traced once."""
         if key not in self.functions:
             kind, global_batch_size, gradients, masked = key
             self.functions[key] = step_functions.compile_steps(
@@ -89,7 +90,7 @@ class CompiledCalls:
           count: Steps the call runs.
 
         Returns:
-          The call's :class:`disttrain.step_functions.StepResult`.
+          The call's :class:`disttrain.loop.step_functions.StepResult`.
 
         Raises:
           TypeError: A dtype clash between the labels and the model's output (which TF reports when it
@@ -163,7 +164,7 @@ def call_length(*, step: int, steps_per_execution: int, remaining: int, interval
       step: The global step before the call.
       steps_per_execution: The most steps a call may run.
       remaining: Steps left in the epoch.
-      intervals: The step logger's :class:`disttrain.step_logs.Intervals`, or None.
+      intervals: The step logger's :class:`disttrain.loop.step_logs.Intervals`, or None.
       checkpoint_every_steps: ``Checkpointing(every_steps=...)``, or None.
       drift_every_steps: The drift check's interval (0: off).
     """
@@ -192,7 +193,7 @@ def name(kind: str, step: int, count: int) -> str:
 
 
 def tracings(compiled: Any) -> int:
-    """How often a :class:`disttrain.step_functions.CompiledSteps`' functions were traced so far: a call that
+    """How often a :class:`disttrain.loop.step_functions.CompiledSteps`' functions were traced so far: a call that
     changes it traced (the trainer leaves such calls out of the throughput it reports).
 
     Args:

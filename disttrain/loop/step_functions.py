@@ -24,11 +24,11 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import tensorflow as tf
 
-from disttrain import data as data_lib
+from disttrain.input import data as data_lib
 from disttrain import nonfinite
 from disttrain.backends import Backend
-from disttrain.step_context import StepContext
-from disttrain.totals import EXAMPLES
+from disttrain.loop.step_context import StepContext
+from disttrain.loop.totals import EXAMPLES
 
 #: Step output: the share of steps whose update was skipped (see :mod:`disttrain.nonfinite`).
 NONFINITE = nonfinite.NONFINITE

@@ -4,7 +4,7 @@ The decision *when* to reduce is taken identically on every process (from the gl
 an interval agreed on by all processes when ``fit`` starts), because every process must take part in
 each collective; only what callbacks do with the values (write summaries, print) depends on the rank.
 
-At a logging step the running totals of the epoch (:class:`disttrain.totals.EpochTotals`: output
+At a logging step the running totals of the epoch (:class:`disttrain.loop.totals.EpochTotals`: output
 sums, window seconds, metric states) are summed over all processes once. Callbacks then get, on every process, identical values:
 
   * each step output (``loss`` ...): its mean over the epoch's steps so far, summed over replicas
@@ -35,7 +35,7 @@ import tensorflow as tf
 
 from disttrain import nonfinite
 from disttrain.callbacks import Callback, current_learning_rate
-from disttrain.totals import EpochTotals
+from disttrain.loop.totals import EpochTotals
 
 if TYPE_CHECKING:  # pragma: no cover
     from disttrain.callbacks import RunningTrainer
