@@ -9,7 +9,27 @@ import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
     from disttrain.backends import Backend
-    from disttrain.loop.position import RunPosition
+
+
+class Position(Protocol):
+    """What callbacks read of the run's position (the trainer's :class:`disttrain.loop.position.RunPosition`,
+    which only the training loop writes): read-only here."""
+
+    @property
+    def global_step(self) -> int:
+        """Train steps done."""
+
+    @property
+    def epoch(self) -> int:
+        """The epoch under way (0-based)."""
+
+    @property
+    def epoch_step(self) -> int:
+        """Steps of the epoch done."""
+
+    @property
+    def epoch_steps(self) -> int | None:
+        """Steps the epoch has (None: not known)."""
 
 
 class RunningTrainer(Protocol):
@@ -18,7 +38,7 @@ class RunningTrainer(Protocol):
 
     Attributes:
       backend: The trainer's backend.
-      position: Where the loop is (:class:`disttrain.loop.position.RunPosition`; read it, never write it).
+      position: Where the loop is (:class:`Position`: read it, never write it).
       callbacks: The trainer's callbacks, in order.
       models: The trainer's models.
       optimizers: The trainer's optimizers; ``optimizer`` is the first, whose learning rate is logged.
@@ -32,7 +52,7 @@ class RunningTrainer(Protocol):
     """
 
     backend: "Backend"
-    position: "RunPosition"
+    position: Position
     callbacks: list
     models: list
     optimizers: list

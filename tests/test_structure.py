@@ -1,5 +1,6 @@
 """The package's shape: no import circle (imports inside functions and under ``if TYPE_CHECKING`` count
-too), no module over ~500 lines."""
+too), imports between the packages go one way (each package's ``__init__`` says which), no module over
+~500 lines."""
 
 import ast
 from pathlib import Path
@@ -59,6 +60,38 @@ def test_no_import_circle():
         if module not in state:
             visit(module)
     assert "disttrain.trainer" in graph and graph["disttrain.trainer"], "the import graph was not read"
+
+
+#: Package -> what its modules may import of disttrain (each ``__init__.py`` says why).
+ALLOWED = {
+    "disttrain.input": ("disttrain.input", "disttrain.backends"),
+    "disttrain.loop": ("disttrain.loop", "disttrain.input", "disttrain.backends",
+                       "disttrain.callbacks", "disttrain.metrics", "disttrain.nonfinite"),
+}
+#: The leaf modules the loop may import: they import nothing of disttrain but the backends.
+LEAVES = ("disttrain.callbacks", "disttrain.metrics", "disttrain.nonfinite")
+#: What the backends must not import: the layers above them.
+ABOVE_BACKENDS = ("disttrain.input", "disttrain.loop", "disttrain.trainer", "disttrain.checkpoint")
+
+
+def _within(module: str, prefixes) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in prefixes)
+
+
+def test_packages_import_one_way():
+    graph = _graph()
+    rules = {**ALLOWED, **{leaf: ("disttrain.backends",) for leaf in LEAVES}}
+    wrong = []
+    for module, deps in graph.items():
+        deps = deps - {"disttrain"}  # the package's __init__ (lazy names): imported by any import anyway
+        for package, allowed in rules.items():
+            if _within(module, [package]):
+                wrong += [f"{module} imports {d} (allowed: {', '.join(allowed)})" for d in deps
+                          if not _within(d, allowed)]
+        if _within(module, ["disttrain.backends"]):
+            wrong += [f"{module} imports {d}, a layer above the backends" for d in deps if _within(d, ABOVE_BACKENDS)]
+    assert wrong == [], wrong
+    assert graph["disttrain.loop.step_logs"] and graph["disttrain.input.data"], "the import graph was not read"
 
 
 def test_no_module_over_500_lines():
