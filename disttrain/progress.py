@@ -32,6 +32,21 @@ def format_logs(logs: Mapping[str, float], *, skip: tuple = ()) -> str:
     return " - ".join(parts)
 
 
+def epoch_line(*, epoch: int, epochs: int, logs: Mapping[str, float], seconds: float, untimed: float) -> str:
+    """``epoch 2/5 - loss 0.1234 - lr 0.01 - 3.21s (5120 examples/s)``: the line ``Trainer(verbose=1)`` prints.
+
+    Args:
+      epoch: The epoch's index (0-based).
+      epochs: The run's last epoch number (``initial_epoch + epochs``).
+      logs: The epoch's logs (with ``examples_per_sec``).
+      seconds: The timed seconds of its steps.
+      untimed: The seconds of the calls that traced, left out of the throughput (0: none).
+    """
+    shown = " - ".join(f"{k} {v:.4g}" for k, v in logs.items() if k not in ("examples_per_sec", "step_time"))
+    timing = f"examples/s, without {untimed:.2f}s of tracing" if untimed else "examples/s"
+    return f"epoch {epoch + 1}/{epochs} - {shown} - {seconds + untimed:.2f}s ({logs['examples_per_sec']:.0f} {timing})"
+
+
 class ProgressBar(Callback):
     """A progress bar on the chief, updated at every step-log (``Trainer(log_every_steps=N)``).
 

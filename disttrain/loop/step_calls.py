@@ -40,24 +40,23 @@ class CompiledCalls:
       accumulation_steps: The train step's micro-batches.
       on_nonfinite: The train step's policy (the eval step ignores non-finite values).
       marker: The stall watchdog's in-graph marker, or None.
+      watch: The trainer's :class:`disttrain.watchdog.Watch`: a call runs in its ``step`` phase while armed.
       position: The trainer's position (read: a call's name and where a lost peer left the loop).
       locate: ``fn(running=...)``: the loop's position for a failure report.
       resume: How to resume after a failure (the checkpoint directory's hint).
 
     Attributes:
       functions: ``{key: CompiledSteps}``, traced so far.
-      watchdog: The armed :class:`disttrain.watchdog.Watchdog` of the running ``fit``/``evaluate``, or None.
     """
 
     def __init__(self, *, backend: Backend, model: Any, train_step: Callable, eval_step: Callable | None,
-                 accumulation_steps: int, on_nonfinite: str, marker: Any, position: RunPosition,
+                 accumulation_steps: int, on_nonfinite: str, marker: Any, watch: Any, position: RunPosition,
                  locate: Callable[..., failures.Position], resume: str):
-        self.backend, self.model, self.marker = backend, model, marker
+        self.backend, self.model, self.marker, self._watch = backend, model, marker, watch
         self._steps = {"train": train_step, "eval": eval_step}
         self._accumulation_steps, self._on_nonfinite = accumulation_steps, on_nonfinite
         self.position, self._locate, self._resume = position, locate, resume
         self.functions: dict[tuple, CompiledSteps] = {}
-        self.watchdog: Any = None
         self._called: set[tuple] = set()  # compiled steps called once (traced) already
         self._calls = 0  # compiled step calls under the watchdog (the value of its in-graph marks)
 
@@ -97,7 +96,7 @@ class CompiledCalls:
             traces the step), with both dtypes and the fix.
           disttrain.CollectiveError: A failed collective the backend calls a lost peer.
         """
-        compiled, watchdog = self.functions[key], self.watchdog
+        compiled, watchdog = self.functions[key], self._watch.current
         name_ = name(key[0], self.position.global_step, count)
         try:
             if watchdog is None:
