@@ -38,7 +38,8 @@ class RunningTrainer(Protocol):
 
     Attributes:
       backend: The trainer's backend.
-      position: Where the loop is (:class:`Position`: read it, never write it).
+      position: Where the loop is (:class:`Position`: read it, never write it; the trainer also has its
+        fields as read-only attributes, ``trainer.global_step`` ...).
       callbacks: The trainer's callbacks, in order.
       models: The trainer's models.
       optimizers: The trainer's optimizers; ``optimizer`` is the first, whose learning rate is logged.
@@ -63,22 +64,6 @@ class RunningTrainer(Protocol):
     epoch_lr: float | None
     verbose: int
     stop_training: bool
-
-    @property
-    def global_step(self) -> int:
-        """Train steps done (``position.global_step``)."""
-
-    @property
-    def epoch(self) -> int:
-        """The epoch under way (``position.epoch``)."""
-
-    @property
-    def epoch_step(self) -> int:
-        """Steps of the epoch done (``position.epoch_step``)."""
-
-    @property
-    def epoch_steps(self) -> int | None:
-        """Steps the epoch has (``position.epoch_steps``)."""
 
     @property
     def trainable_variables(self) -> list:
