@@ -57,7 +57,7 @@ def worker(args) -> None:
     import tensorflow as tf
 
     from disttrain import data as D
-    from disttrain import epoch_agreement
+    from disttrain.input import epoch_agreement
     from disttrain.shards import list_shards
 
     files = list_shards(args.data)

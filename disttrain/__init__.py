@@ -33,13 +33,15 @@ _NAMES = {
     "CollectiveError": "disttrain.backends.failures",
     "DriftError": "disttrain.drift", "NonFiniteError": "disttrain.nonfinite", "STALL_EXIT_CODE": "disttrain.watchdog",
     "PREEMPTION_EXIT_CODE": "disttrain.preemption", "Preempted": "disttrain.preemption",
-    "StepContext": "disttrain.step_context",
+    "StepContext": "disttrain.loop.step_context",
     "Trainer": "disttrain.trainer",
     "JsonLinesLogger": "disttrain.progress", "ProgressBar": "disttrain.progress",
     "TensorBoard": "disttrain.summaries",
 }
-#: Submodules reachable as ``dt.data``, ``dt.lr``, ...
-_SUBMODULES = ("data", "lr", "metrics", "serving", "shards", "summaries")
+#: Submodules reachable as ``dt.data``, ``dt.lr``, ... -> the module that is it (``disttrain/data.py`` and
+#: ``disttrain/shards.py`` make ``import disttrain.data`` give that same module).
+_SUBMODULES = {"data": "disttrain.input.data", "lr": "disttrain.lr", "metrics": "disttrain.metrics",
+               "serving": "disttrain.serving", "shards": "disttrain.input.shards", "summaries": "disttrain.summaries"}
 
 __all__ = sorted([*_NAMES, *_SUBMODULES, "__version__"])
 
@@ -48,7 +50,7 @@ def __getattr__(name: str):
     if name in _NAMES:
         value = getattr(importlib.import_module(_NAMES[name]), name)
     elif name in _SUBMODULES:
-        value = importlib.import_module(f"disttrain.{name}")
+        value = importlib.import_module(_SUBMODULES[name])
     else:
         raise AttributeError(f"module 'disttrain' has no attribute {name!r}")
     globals()[name] = value  # later look-ups skip this function
@@ -60,7 +62,8 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
-    from disttrain import data, lr, metrics, serving, shards, summaries  # noqa: F401
+    from disttrain import lr, metrics, serving, summaries  # noqa: F401
+    from disttrain.input import data, shards  # noqa: F401
     from disttrain.backends import Backend, GradientOptions, InputContext, detect, get_backend  # noqa: F401
     from disttrain.callbacks import Callback, current_learning_rate  # noqa: F401
     from disttrain.backends.failures import CollectiveError  # noqa: F401
@@ -71,6 +74,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the eager imports
     from disttrain.watchdog import STALL_EXIT_CODE  # noqa: F401
     from disttrain.preemption import PREEMPTION_EXIT_CODE, Preempted  # noqa: F401
     from disttrain.progress import JsonLinesLogger, ProgressBar  # noqa: F401
-    from disttrain.step_context import StepContext  # noqa: F401
+    from disttrain.loop.step_context import StepContext  # noqa: F401
     from disttrain.summaries import TensorBoard  # noqa: F401
     from disttrain.trainer import Trainer  # noqa: F401

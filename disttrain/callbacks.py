@@ -2,13 +2,81 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Protocol, Sequence
 
 import keras
 import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
-    from disttrain.trainer import Trainer
+    from disttrain.backends import Backend
+
+
+class Position(Protocol):
+    """What callbacks read of the run's position (the trainer's :class:`disttrain.loop.position.RunPosition`,
+    which only the training loop writes): read-only here."""
+
+    @property
+    def global_step(self) -> int:
+        """Train steps done."""
+
+    @property
+    def epoch(self) -> int:
+        """The epoch under way (0-based)."""
+
+    @property
+    def epoch_step(self) -> int:
+        """Steps of the epoch done."""
+
+    @property
+    def epoch_steps(self) -> int | None:
+        """Steps the epoch has (None: not known)."""
+
+
+class RunningTrainer(Protocol):
+    """What a callback (and checkpointing, step logs, summaries) may use of the running
+    :class:`disttrain.Trainer`: typed against this, those modules need not import the trainer's module.
+
+    Attributes:
+      backend: The trainer's backend.
+      position: Where the loop is (:class:`Position`: read it, never write it; the trainer also has its
+        fields as read-only attributes, ``trainer.global_step`` ...).
+      callbacks: The trainer's callbacks, in order.
+      models: The trainer's models.
+      optimizers: The trainer's optimizers; ``optimizer`` is the first, whose learning rate is logged.
+      optimizer: The first optimizer.
+      global_batch_size: The running ``fit``'s global batch.
+      fit_config: The running ``fit``'s arguments.
+      history: ``{name: [value per epoch]}``.
+      epoch_lr: The learning rate logged for the running epoch.
+      verbose: The trainer's ``verbose``.
+      stop_training: Set True to stop ``fit`` after the running epoch.
+    """
+
+    backend: "Backend"
+    position: Position
+    callbacks: list
+    models: list
+    optimizers: list
+    optimizer: Any
+    global_batch_size: int
+    fit_config: dict
+    history: dict
+    epoch_lr: float | None
+    verbose: int
+    stop_training: bool
+
+    @property
+    def trainable_variables(self) -> list:
+        """The trainable variables of every model."""
+
+    def dispatch(self, hook: str, *args: Any) -> None:
+        """Calls ``callback.<hook>(trainer, *args)`` on every callback."""
+
+    def print(self, text: str) -> None:
+        """Prints a line where the trainer's epoch lines go."""
+
+    def run_config(self) -> dict[str, Any]:
+        """The run's configuration."""
 
 
 class Callback:
@@ -24,14 +92,14 @@ class Callback:
     histogram_every_steps: int = 0
     wants_gradients: bool = False
 
-    def on_train_begin(self, trainer: "Trainer") -> None:
+    def on_train_begin(self, trainer: "RunningTrainer") -> None:
         """When ``fit`` starts (after a checkpoint, if any, was restored).
 
         Args:
           trainer: The running :class:`disttrain.Trainer`.
         """
 
-    def on_train_end(self, trainer: "Trainer", logs: dict[str, float]) -> None:
+    def on_train_end(self, trainer: "RunningTrainer", logs: dict[str, float]) -> None:
         """After the last epoch (also after a preemption, before the exit).
 
         Args:
@@ -39,19 +107,19 @@ class Callback:
           logs: The last epoch's logs.
         """
 
-    def on_step_logs(self, trainer: "Trainer", step: int, logs: dict[str, float]) -> None:
+    def on_step_logs(self, trainer: "RunningTrainer", step: int, logs: dict[str, float]) -> None:
         """Every ``log_every_steps`` train steps, with the running epoch values reduced over all processes.
 
         Args:
-          trainer: The running :class:`disttrain.Trainer`; ``trainer.epoch``, ``trainer.epoch_step`` and
-            ``trainer.epoch_steps`` say where in the epoch it is.
+          trainer: The running :class:`disttrain.Trainer`; ``trainer.position`` (``epoch``, ``epoch_step``,
+            ``epoch_steps``, also ``trainer.epoch`` ...) says where in the epoch it is.
           step: The global train step (continues across epochs).
           logs: Each step output's running mean over the epoch, each metric, ``lr``, and
             ``examples_per_sec`` / ``step_time`` over the steps since the last call (the calls that
-            traced a step function left out, see ``disttrain.step_logs``).
+            traced a step function left out, see ``disttrain.loop.step_logs``).
         """
 
-    def on_histograms(self, trainer: "Trainer", step: int, gradients: dict) -> None:
+    def on_histograms(self, trainer: "RunningTrainer", step: int, gradients: dict) -> None:
         """Every ``histogram_every_steps`` train steps.
 
         Args:
@@ -61,7 +129,7 @@ class Callback:
             optimizer applied) when ``wants_gradients``, else empty.
         """
 
-    def on_epoch_begin(self, trainer: "Trainer", epoch: int) -> None:
+    def on_epoch_begin(self, trainer: "RunningTrainer", epoch: int) -> None:
         """Before an epoch's first step.
 
         Args:
@@ -69,7 +137,7 @@ class Callback:
           epoch: The epoch's index (0-based).
         """
 
-    def on_epoch_end(self, trainer: "Trainer", epoch: int, logs: dict[str, float]) -> None:
+    def on_epoch_end(self, trainer: "RunningTrainer", epoch: int, logs: dict[str, float]) -> None:
         """After an epoch (and its validation), before its logs join the history.
 
         Args:
@@ -80,7 +148,7 @@ class Callback:
         """
 
 
-def dispatch(callbacks: Sequence[Callback], hook: str, trainer: "Trainer", *args: Any,
+def dispatch(callbacks: Sequence[Callback], hook: str, trainer: "RunningTrainer", *args: Any,
              phase: Callable[[str], ContextManager] | None = None) -> None:
     """Calls ``callback.<hook>(trainer, *args)`` on every callback, in order; each call inside
     ``phase("<Callback class>.<hook>")`` when given (the stall watchdog's timed phase)."""

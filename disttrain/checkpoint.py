@@ -37,10 +37,10 @@ import tensorflow as tf
 from disttrain import checkpoint_files, elastic_worker, exit_status
 from disttrain.checkpoint_files import CheckpointError
 from disttrain.preemption import DEFAULT_SIGNALS, PREEMPTION_EXIT_CODE, Preempted, SignalWatcher
-from disttrain.totals import Carry, EpochTotals
+from disttrain.loop.totals import Carry, EpochTotals
 
 if TYPE_CHECKING:  # pragma: no cover
-    from disttrain.trainer import Trainer
+    from disttrain.callbacks import RunningTrainer
 
 _FORMAT = 1
 #: Seconds a process waits after the preemption barrier before it exits (see ``after_step``).
@@ -143,7 +143,7 @@ class Checkpointing:
                 f"every_seconds={self.every_seconds}, keep={self.keep})")
 
 
-def session(config: Checkpointing | None, *, trainer: "Trainer") -> "CheckpointSession | None":
+def session(config: Checkpointing | None, *, trainer: "RunningTrainer") -> "CheckpointSession | None":
     """The trainer's :class:`CheckpointSession` for ``Trainer(checkpointing=config)`` (None for None).
 
     Raises:
@@ -165,7 +165,7 @@ class CheckpointSession:
       trainer: The trainer whose state is saved.
     """
 
-    def __init__(self, *, config: Checkpointing, trainer: "Trainer"):
+    def __init__(self, *, config: Checkpointing, trainer: "RunningTrainer"):
         self.config, self.trainer = config, trainer
         backend = trainer.backend
         self.backend = backend
@@ -203,7 +203,7 @@ class CheckpointSession:
           totals: The running epoch totals (their global sums go into the checkpoint).
         """
         stop, due = (int(v) for v in np.asarray(control))
-        step = self.trainer.global_step
+        step = self.trainer.position.global_step
         if self.elastic is not None:
             self.elastic.after_step(step=step, resumed_step=self._last_saved[0] if self.restored else None,
                                     size=self.backend.size)
@@ -216,9 +216,9 @@ class CheckpointSession:
                 # Said (and recorded for `disttrain run`) before lingering: mpirun's default gives a rank 1 s
                 # from SIGTERM to SIGKILL, and a kill during the linger used to swallow this line.
                 if self.backend.is_chief:
-                    trainer = self.trainer
-                    print(f"disttrain: preempted after global step {step} (epoch {trainer.epoch + 1}, step "
-                          f"{trainer.epoch_step}/{trainer.epoch_steps}); saved {path}; exiting with code "
+                    position = self.trainer.position
+                    print(f"disttrain: preempted after global step {step} (epoch {position.epoch + 1}, step "
+                          f"{position.epoch_step}/{position.epoch_steps}); saved {path}; exiting with code "
                           f"{PREEMPTION_EXIT_CODE}; run the same command to resume",
                           file=sys.stderr, flush=True)
                 exit_status.record(code=PREEMPTION_EXIT_CODE, reason=str(preempted))
@@ -245,8 +245,8 @@ class CheckpointSession:
             writable, or it did not read back): the message names the directory, the rank, the
             checkpoint's size and the free space; its partial files are removed.
         """
-        trainer = self.trainer
-        progress = Progress(global_step=trainer.global_step, epoch=trainer.epoch, epoch_step=trainer.epoch_step,
+        trainer, position = self.trainer, self.trainer.position
+        progress = Progress(global_step=position.global_step, epoch=position.epoch, epoch_step=position.epoch_step,
                             fit={k: trainer.fit_config.get(k) for k in RESUME_KEYS}, carry=carry,
                             epoch_lr=trainer.epoch_lr, history=trainer.history,
                             writer={"backend": self.backend.name, "processes": self.backend.size,
@@ -302,8 +302,8 @@ class CheckpointSession:
             self.save(carry=None)
 
     def _position(self) -> tuple[int, int, int]:
-        trainer = self.trainer
-        return trainer.global_step, trainer.epoch, trainer.epoch_step
+        position = self.trainer.position
+        return position.global_step, position.epoch, position.epoch_step
 
     # -- restoring -----------------------------------------------------------------------------
     def restore(self) -> Progress | None:

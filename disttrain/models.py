@@ -48,3 +48,24 @@ def build_optimizers(backend: Any, *, models: list, optimizers: list) -> None:
     with backend.scope():
         for i in unbuilt:
             optimizers[i].build(targets[i])
+
+
+def prepare(backend: Any, *, model: Any, optimizer: Any) -> tuple[list, list]:
+    """The trainer's models and optimizers as lists, checked (built, created in the backend's scope), the
+    optimizers built, and the initial state of both made the same on every replica.
+
+    Args:
+      backend: The run's backend.
+      model: A Keras model or a list of them.
+      optimizer: A Keras optimizer or a list of them.
+
+    Returns:
+      ``(models, optimizers)``.
+    """
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    check_built(models)
+    backend.check_created_in_scope(models=models, optimizers=optimizers)
+    build_optimizers(backend, models=models, optimizers=optimizers)
+    backend.sync_initial_state([v for m in models for v in m.variables] + [v for o in optimizers for v in o.variables])
+    return models, optimizers

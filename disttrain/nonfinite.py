@@ -138,7 +138,7 @@ def pop_skips(sums: dict[str, float], *, steps: int) -> tuple[float, dict[str, f
 
 
 def epoch_logs(reduced: Any, *, steps: int, global_batch_size: int, masked: bool) -> dict[str, float]:
-    """An epoch's logs from its reduced totals (``disttrain.totals``: ``sums``, ``real``, ``metrics``).
+    """An epoch's logs from its reduced totals (``disttrain.loop.totals``: ``sums``, ``real``, ``metrics``).
 
     Step values are global-batch-scaled (like ``ctx.average_loss``): their sum over the epoch times the
     global batch, over the examples, is the mean per example; padded examples and skipped steps count for

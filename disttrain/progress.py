@@ -32,6 +32,21 @@ def format_logs(logs: Mapping[str, float], *, skip: tuple = ()) -> str:
     return " - ".join(parts)
 
 
+def epoch_line(*, epoch: int, epochs: int, logs: Mapping[str, float], seconds: float, untimed: float) -> str:
+    """``epoch 2/5 - loss 0.1234 - lr 0.01 - 3.21s (5120 examples/s)``: the line ``Trainer(verbose=1)`` prints.
+
+    Args:
+      epoch: The epoch's index (0-based).
+      epochs: The run's last epoch number (``initial_epoch + epochs``).
+      logs: The epoch's logs (with ``examples_per_sec``).
+      seconds: The timed seconds of its steps.
+      untimed: The seconds of the calls that traced, left out of the throughput (0: none).
+    """
+    shown = " - ".join(f"{k} {v:.4g}" for k, v in logs.items() if k not in ("examples_per_sec", "step_time"))
+    timing = f"examples/s, without {untimed:.2f}s of tracing" if untimed else "examples/s"
+    return f"epoch {epoch + 1}/{epochs} - {shown} - {seconds + untimed:.2f}s ({logs['examples_per_sec']:.0f} {timing})"
+
+
 class ProgressBar(Callback):
     """A progress bar on the chief, updated at every step-log (``Trainer(log_every_steps=N)``).
 
@@ -63,14 +78,14 @@ class ProgressBar(Callback):
     def _show(self, trainer, done: int, logs: Mapping[str, float], *, final: bool) -> None:
         out = self._out()
         if not self._is_dynamic():
-            total = trainer.epoch_steps or "?"  # None: a pipeline of unknown length
+            total = trainer.position.epoch_steps or "?"  # None: a pipeline of unknown length
             end = f" - {time.perf_counter() - self._start:.1f}s" if final else ""
-            out.write(f"epoch {trainer.epoch + 1}/{self._epochs} {done}/{total} - {format_logs(logs)}{end}\n")
+            out.write(f"epoch {trainer.position.epoch + 1}/{self._epochs} {done}/{total} - {format_logs(logs)}{end}\n")
             out.flush()
             return
         if self._bar is None:
-            out.write(f"Epoch {trainer.epoch + 1}/{self._epochs}\n")
-            self._bar = keras.utils.Progbar(trainer.epoch_steps, interval=0, stateless_metrics=())
+            out.write(f"Epoch {trainer.position.epoch + 1}/{self._epochs}\n")
+            self._bar = keras.utils.Progbar(trainer.position.epoch_steps, interval=0, stateless_metrics=())
         values = [(name, value) for name, value in logs.items() if name != "step_time"]
         with contextlib.redirect_stdout(out):  # Progbar writes to sys.stdout
             self._bar.update(done, values=values, finalize=final)
@@ -88,7 +103,7 @@ class ProgressBar(Callback):
     def on_step_logs(self, trainer, step: int, logs: dict[str, float]) -> None:
         if not trainer.backend.is_chief:
             return
-        done, total = trainer.epoch_step, trainer.epoch_steps
+        done, total = trainer.position.epoch_step, trainer.position.epoch_steps
         if total is not None and done >= total:  # the epoch line follows at once
             return
         self._show(trainer, done, logs, final=False)
@@ -96,7 +111,7 @@ class ProgressBar(Callback):
     def on_epoch_end(self, trainer, epoch: int, logs: dict[str, float]) -> None:
         if not trainer.backend.is_chief:
             return
-        self._show(trainer, trainer.epoch_steps, logs, final=True)
+        self._show(trainer, trainer.position.epoch_steps, logs, final=True)
 
 
 class JsonLinesLogger(Callback):
@@ -134,10 +149,10 @@ class JsonLinesLogger(Callback):
         self._emit({"event": "config", **trainer.run_config()})
 
     def on_step_logs(self, trainer, step: int, logs: dict[str, float]) -> None:
-        self._emit({"event": "step", "step": step, "epoch": trainer.epoch, **logs})
+        self._emit({"event": "step", "step": step, "epoch": trainer.position.epoch, **logs})
 
     def on_epoch_end(self, trainer, epoch: int, logs: dict[str, float]) -> None:
-        self._emit({"event": "epoch", "epoch": epoch, "step": trainer.global_step, **logs})
+        self._emit({"event": "epoch", "epoch": epoch, "step": trainer.position.global_step, **logs})
 
     def on_train_end(self, trainer, logs: dict[str, float]) -> None:
         if self._file is not None:

@@ -161,10 +161,10 @@ class TensorBoard(Callback):
             self._writer = tf.summary.create_file_writer(self.logdir)
         with self._writer.as_default():
             tf.summary.text("config", config_markdown({**trainer.run_config(), **self.config}), step=0)
-        self._write(trainer.global_step, [scalar_value("run/world_size", trainer.backend.size)])
+        self._write(trainer.position.global_step, [scalar_value("run/world_size", trainer.backend.size)])
         self._writer.flush()
         if self.announce and trainer.verbose:
-            trainer._print(f"TensorBoard logs in {self.logdir}: {self.command}")
+            trainer.print(f"TensorBoard logs in {self.logdir}: {self.command}")
 
     def _write(self, step: int, values: list) -> None:
         """Writes ``Summary.Value`` protos as one event at ``step``."""

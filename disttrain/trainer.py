@@ -1,34 +1,37 @@
-"""The training loop around a user's ``tf.GradientTape`` step, the same on every backend."""
+"""The training loop around a user's ``tf.GradientTape`` step, the same on every backend.
+
+:class:`Trainer` reads in the order ``fit`` runs: argument checks, agreed step-log intervals, a restore,
+then each epoch (its calls, each followed by the non-finite check, totals, position, step logs, drift check
+and checkpointing; validation, callbacks, history, the epoch line) and the final save. Only this module
+writes the run's position (``trainer.position``); everything else reads it.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import time
 from typing import Any, Callable, Iterable, Sequence
 
 import keras
 import numpy as np
-import tensorflow as tf
 
-from disttrain import data as data_lib
-from disttrain import data_checks
+from disttrain import checkpoint as checkpoint_lib
 from disttrain import drift as drift_lib
-from disttrain import epoch_agreement
 from disttrain import metrics as metrics_lib
 from disttrain import models as models_lib
-from disttrain import nonfinite, serving
-from disttrain import step_calls, step_functions, step_logs
+from disttrain import nonfinite, progress, serving
 from disttrain import watchdog as watchdog_lib
-from disttrain import checkpoint as checkpoint_lib
+from disttrain.backends import Backend, failures, get_backend
+from disttrain.callbacks import Callback, current_learning_rate, dispatch
 from disttrain.checkpoint import Checkpointing, Progress
+from disttrain.input import data as data_lib
+from disttrain.input import epoch_agreement
+from disttrain.loop import epoch_calls, step_calls, step_functions, step_logs
+from disttrain.loop.position import PositionField, RunPosition
+from disttrain.loop.step_context import StepContext
+from disttrain.loop.totals import EpochTotals
 from disttrain.preemption import Preempted, exit_now
 from disttrain.progress import ProgressBar
-from disttrain.backends import Backend, get_backend
-from disttrain.backends import failures
-from disttrain.callbacks import Callback, current_learning_rate, dispatch
-from disttrain.step_context import StepContext
-from disttrain.totals import EpochTotals
 
 
 StepFn = Callable[[StepContext, Any], Any]
@@ -87,6 +90,10 @@ class Trainer:
         variables over every replica (one all-reduce) and raise :class:`disttrain.drift.DriftError`, naming
         the first variable that differs, when they are out of sync (see ``disttrain.drift``). 0: off.
 
+    Attributes:
+      position: Where the run is (:class:`disttrain.loop.position.RunPosition`: ``global_step``, ``epoch``,
+        ``epoch_step``, ``epoch_steps``, also read-only as ``trainer.global_step`` ...); only ``fit`` moves it.
+
     Raises:
       ValueError: If the model has no variables yet, model/optimizer were created outside the scope, an
         optimizer is not built and cannot be paired with one model, or ``accumulation_steps`` < 1.
@@ -108,9 +115,6 @@ class Trainer:
         self._nonfinite = nonfinite.Monitor(policy=on_nonfinite, backend=self.backend, print_fn=print_fn)
         self.step_timeout = watchdog_lib.timeout_from(step_timeout, default=self.backend.default_step_timeout)
         self._marker = watchdog_lib.GradientMarker(backend=self.backend) if self.step_timeout else None
-        self._watchdog: watchdog_lib.Watchdog | None = None
-        self._called: set[tuple] = set()  # compiled steps called once (traced) already
-        self._step_calls = 0  # compiled step calls under the watchdog (the value of its in-graph marks)
         self.accumulation_steps = step_functions.check_accumulation_steps(accumulation_steps)
         self.model = model
         self._train_step, self._eval_step = train_step, eval_step
@@ -118,228 +122,46 @@ class Trainer:
         self.eval_metrics = metrics_lib.as_list(eval_metrics, scope=self.backend.scope)
         self.callbacks = list(callbacks)
         self.verbose = verbose
-        self._print = print_fn or functools.partial(print, flush=True)
+        self.print = print_fn or functools.partial(print, flush=True)
         if verbose >= 2:
             self.callbacks.append(ProgressBar())
         self.log_every_steps = log_every_steps
-        self.epoch = self.epoch_step = self.epoch_steps = 0
         self.global_batch_size = 0  # of the running fit (read by callbacks, e.g. LR scaling)
         self.fit_config: dict[str, Any] = {}
-        self.models = list(model) if isinstance(model, (list, tuple)) else [model]
-        self.optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+        self.models, self.optimizers = models_lib.prepare(self.backend, model=model, optimizer=optimizer)
         self.optimizer = self.optimizers[0]  # its learning rate is the one logged as "lr"
-        models_lib.check_built(self.models)
-        self.backend.check_created_in_scope(models=self.models, optimizers=self.optimizers)
-        models_lib.build_optimizers(self.backend, models=self.models, optimizers=self.optimizers)
-        self.backend.sync_initial_state([v for m in self.models for v in m.variables] +
-                                        [v for o in self.optimizers for v in o.variables])
         self._drift = drift_lib.DriftCheck(
             backend=self.backend, every_steps=drift_check_every_steps,
             variables=self.trainable_variables + [v for o in self.optimizers for v in o.variables])
         # Train steps run, across fits; starts at the optimizer's count (a model trained before). The trainer
         # keeps its own count: a LossScaleOptimizer does not count the steps it skips.
-        self.global_step = int(np.asarray(self.optimizer.iterations))
-        self._functions: dict[tuple, Callable] = {}
+        self.position = RunPosition(global_step=int(np.asarray(self.optimizer.iterations)))
         # the last pipeline of the training and of the evaluation data, reused for the same data
         self._pipelines = {kind: epoch_agreement.PipelineCache() for kind in ("train", "eval")}
+        self._watch = watchdog_lib.Watch(timeout=self.step_timeout, backend=self.backend, marker=self._marker,
+                                         where=self.position.describe)
         self.history: dict[str, list[float]] = {}
         self.stop_training = False
         self.epoch_lr: float | None = None  # the LR logged for the running epoch (that of its first step)
         self.checkpointing = checkpoint_lib.session(checkpointing, trainer=self)
         self._resume = failures.resume_hint(checkpointing.directory if checkpointing else None)
+        self._calls = step_calls.CompiledCalls(
+            backend=self.backend, model=self.model, train_step=train_step, eval_step=eval_step,
+            accumulation_steps=self.accumulation_steps, on_nonfinite=self.on_nonfinite, marker=self._marker,
+            watch=self._watch, position=self.position, locate=self.position.for_failure, resume=self._resume)
+        self._functions = self._calls.functions  # {variant: compiled steps}
+
+    # The run's position, read-only (``trainer.position`` has them; only the loop below moves it).
+    global_step = PositionField()  # train steps done, across fits
+    epoch = PositionField()  # the epoch under way, or the next one between epochs (0-based)
+    epoch_step = PositionField()  # steps of the epoch under way done
+    epoch_steps = PositionField()  # steps the epoch under way has (None: not known)
 
     @property
     def trainable_variables(self) -> list:
         """The trainable variables of every model."""
         return [v for m in self.models for v in m.trainable_variables]
 
-    def save_model(self, path: str, *, model: keras.Model | None = None, overwrite: bool = False) -> str:
-        """Saves a model for serving, once, from the chief; call it on every process (they return when the
-        copy is complete, so any may load it). See :func:`disttrain.serving.save_model`.
-
-        Args:
-          path: ``*.keras``: a Keras file (``keras.models.load_model``); else a SavedModel for serving.
-          model: The model to save; required when the trainer has several (e.g. a GAN's generator).
-          overwrite: Replace an existing ``path``.
-
-        Returns:
-          ``path``.
-        """
-        return serving.save_model(model=model, models=self.models, backend=self.backend, path=path,
-                                  overwrite=overwrite)
-
-    # -- compiled steps ------------------------------------------------------------------------
-    def _function(self, kind: str, global_batch_size: int, *, gradients: bool = False,
-                  masked: bool = False) -> step_functions.CompiledSteps:
-        """The compiled steps (see :mod:`disttrain.step_functions`), traced once per variant."""
-        key = (kind, global_batch_size, gradients, masked)
-        if key not in self._functions:
-            self._functions[key] = step_functions.compile_steps(
-                step=self._train_step if kind == "train" else self._eval_step, backend=self.backend,
-                global_batch_size=global_batch_size, gradients=gradients, masked=masked,
-                accumulation_steps=self.accumulation_steps if kind == "train" else 1, marker=self._marker,
-                on_nonfinite=self.on_nonfinite if kind == "train" else "ignore")
-        return self._functions[key]
-
-    def reset_compiled_steps(self) -> None:
-        """Drops the traced steps, so the next is traced again (e.g. after the optimizer's LR object changed)."""
-        self._functions.clear()
-        self._called.clear()
-
-    def _run_epoch(self, kind: str, data: Any, *, global_batch_size: int, epoch: int,
-                   steps: int | None, seed: int | None, remainder: str = "drop",
-                   metrics: Sequence[keras.metrics.Metric] = (), step_logger: step_logs.StepLogger | None = None,
-                   resume: Progress | None = None, steps_per_execution: int = 1
-                   ) -> tuple[dict[str, float], int, float, float]:
-        """Runs one epoch (from ``resume``'s position when given) and returns ``(logs, steps timed, their
-        seconds, this process's seconds left out)``: the calls that traced a step function are not timed,
-        unless all did. Every process runs the same steps and gets the same logs and timing."""
-        backend = self.backend
-        session = self.checkpointing if kind == "train" else None
-        done = resume.epoch_step if resume is not None else 0
-        # Every process runs the same number of steps (agreed through the backend's all-reduce).
-        epoch_input = epoch_agreement.epoch_input(backend, data, global_batch_size=global_batch_size, epoch=epoch,
-                                                  seed=seed, steps=steps, remainder=remainder, skip_steps=done,
-                                                  pipelines=self._pipelines[kind])
-        totals = EpochTotals(backend=backend, metrics=metrics, carry=resume.carry if resume is not None else None)
-        if kind == "train":
-            self.epoch_step = done
-            self.epoch_steps = None if epoch_input.steps is None else done + epoch_input.steps
-        if step_logger is not None:  # with unknown lengths, steps_per_epoch is the best guess of the total
-            step_logger.begin_epoch(steps=self.epoch_steps or epoch_input.max_steps, done=done)
-        start = time.perf_counter()
-        ran, traced = 0, [0, 0.0]  # steps and seconds of the calls that traced a step function (not timed)
-        calls = step_calls.ConcreteCalls()  # this epoch's concrete functions (see disttrain.step_calls)
-        where = lambda: f"epoch {epoch + 1}, step {done + ran + 1}/{self.epoch_steps}"  # noqa: E731
-        checkpoint_every = session.config.every_steps if session is not None else None
-        while epoch_input.steps is None or ran < epoch_input.steps:
-            wants_gradients = step_logger is not None and step_logger.wants_gradients(self.global_step + 1)
-            compiled = self._function(kind, global_batch_size, gradients=wants_gradients, masked=epoch_input.masked)
-            control = session.control() if session is not None else None
-            count, key = 1, (kind, global_batch_size, wants_gradients, epoch_input.masked)
-            spec = epoch_input.element_spec
-            call_start, tracings = time.perf_counter(), step_calls.tracings(compiled)
-            if epoch_input.steps is None:  # unknown length: the processes agree on every batch
-                with self._phase("input", "the next batch of a pipeline of unknown length"):
-                    batch = epoch_input.next_agreed()
-                if batch is None:
-                    break
-                result = self._call(key, compiled, compiled.run_batch, (batch,), control, element_spec=spec)
-            else:
-                if not wants_gradients:
-                    count = step_calls.call_length(
-                        step=self.global_step, steps_per_execution=steps_per_execution,
-                        remaining=epoch_input.steps - ran, drift_every_steps=self._drift.every_steps,
-                        intervals=step_logger.intervals if step_logger is not None and kind == "train" else None,
-                        checkpoint_every_steps=checkpoint_every)
-                if count == 1:
-                    result = self._call(key, compiled, functools.partial(calls, compiled.run), (epoch_input.iterator,),
-                                        control, element_spec=spec)
-                else:
-                    result = self._call(key, compiled, functools.partial(calls, compiled.run_many),
-                                        (epoch_input.iterator, calls.count(count)), control, element_spec=spec,
-                                        count=count)
-            if step_calls.tracings(compiled) != tracings:  # this call traced: its time is left out
-                traced = [traced[0] + count, traced[1] + time.perf_counter() - call_start]
-                step_logger is not None and step_logger.exclude(steps=count, seconds=time.perf_counter() - call_start)
-            if session is not None:
-                result, control = result
-            outputs, grads = result if wants_gradients else (result, None)
-            outputs = self._nonfinite.after_call(outputs, first_step=self.global_step + 1, count=count, where=where)
-            totals.add(outputs)
-            ran += count
-            if kind == "train":
-                self.global_step += count
-                self.epoch_step = done + ran
-            if step_logger is not None:
-                step_logger.after_step(step=self.global_step, epoch_step=done + ran, totals=totals, gradients=grads)
-            if kind == "train" and self._drift.due(self.global_step):
-                self._drift.check(where=f"after global step {self.global_step}")
-            if session is not None:
-                with self._phase("checkpoint", "the checkpoint after a step"):
-                    session.after_step(control=control, totals=totals)
-        steps = done + ran
-        if steps == 0:
-            raise ValueError(f"an epoch has 0 steps of global batch {global_batch_size}: a pipeline of unknown length "
-                             "ended before the first step (is the input empty, e.g. filtered away?); "
-                             "use a smaller global batch or more data")
-        if kind == "train":
-            self.epoch_steps = steps
-        # One all-reduce per epoch: the step values, the wall time, the count of real examples (padded
-        # input) and the metrics' states: every process reports the same numbers.
-        timed = ran - traced[0]  # the same on every process (they trace alike); 0: time everything
-        reduced = totals.reduce(seconds=time.perf_counter() - start - (traced[1] if timed else 0.0))
-        logs = nonfinite.epoch_logs(reduced, steps=steps, global_batch_size=global_batch_size, masked=epoch_input.masked)
-        return logs, (timed or ran), reduced.seconds / backend.size, traced[1] if timed else 0.0
-
-    def _call(self, key: tuple, compiled: step_functions.CompiledSteps, fn: Callable, args: tuple, control: Any,
-              *, element_spec: Any, count: int = 1) -> Any:
-        """Calls the compiled ``fn(*args, control)`` (``count`` steps), watched by the watchdog; a dtype clash
-        between the labels (of ``element_spec``) and the model's output, which TF reports when it traces the
-        step, is re-raised with both dtypes and the fix; a failed collective as :class:`disttrain.CollectiveError`."""
-        try:
-            if self._watchdog is None:
-                return fn(*args, control, None)
-            self._step_calls += 1  # the marks' value for this call
-            first = key not in self._called
-            self._called.add(key)
-            self._watchdog.step_applies_gradients = compiled.ctx.applies_gradients
-            with self._watchdog.phase("step", step_calls.name(key[0], self.global_step, count), mark=self._step_calls,
-                                      first=first, count=count):
-                return fn(*args, control, tf.constant(self._step_calls, tf.int64))
-        except TypeError as err:
-            explained = data_checks.explain_dtype_mismatch(err, element_spec=element_spec, model=self.model)
-            if explained is None:
-                raise
-            raise explained from err
-        except Exception as err:  # noqa: BLE001 - re-raised as it is unless the backend calls it a lost peer
-            if (lost := failures.translate(
-                    self.backend, err, phase=f"compiled {step_calls.name(key[0], self.global_step, count)}",
-                    position=functools.partial(self._position, running=key[0] == "train"), resume=self._resume)) is None:
-                raise
-            raise lost from err
-
-    def _position(self, *, running: bool = False) -> failures.Position:
-        """Where the loop is: in the next train step (``running``) or after the last one."""
-        return failures.Position(global_step=self.global_step + running, epoch=self.epoch + 1,
-                                 epoch_step=self.epoch_step + running, epoch_steps=self.epoch_steps, running=running)
-
-    def _phase(self, kind: str, what: str) -> contextlib.AbstractContextManager:
-        return self._watchdog.phase(kind, what) if self._watchdog is not None else contextlib.nullcontext()
-
-    @contextlib.contextmanager
-    def _watching(self):
-        """Arms the stall watchdog (with ``step_timeout``) for a ``fit`` or ``evaluate`` (once if nested)."""
-        if not self.step_timeout or self._watchdog is not None:
-            yield
-            return
-        backend = self.backend
-        self._watchdog = watchdog_lib.Watchdog(
-            timeout=self.step_timeout, identity=f"{backend.name}: rank {backend.rank} of {backend.size}",
-            where=lambda: (f"after global step {self.global_step} (epoch {self.epoch + 1}, step {self.epoch_step}/"
-                           f"{self.epoch_steps if self.epoch_steps is not None else '?'})"),
-            hint=backend.stall_hint(), input_waits_for_peers=backend.input_waits_for_peers, marker=self._marker)
-        try:
-            with self._watchdog:
-                yield
-        finally:
-            self._watchdog = None
-
-    def _dispatch(self, hook: str, *args: Any) -> None:
-        dispatch(self.callbacks, hook, self, *args,
-                 phase=None if self._watchdog is None else functools.partial(self._watchdog.phase, "callback"))
-
-    def run_config(self) -> dict[str, Any]:
-        """The run's configuration (backend, topology, optimizer, ``fit`` arguments), e.g. for a summary."""
-        backend = self.backend
-        return {"backend": backend.name, "processes": backend.size, "replicas": backend.num_replicas,
-                "model": ", ".join(m.name for m in self.models),
-                "parameters": sum(int(m.count_params()) for m in self.models),
-                "optimizer": ", ".join(type(o).__name__ for o in self.optimizers),
-                "metrics": [m.name for m in self.metrics], "eval_metrics": [m.name for m in self.eval_metrics],
-                **self.fit_config}
-
-    # -- public loop ---------------------------------------------------------------------------
     def fit(self, data: Any, *, global_batch_size: int, epochs: int = 1, steps_per_epoch: int | None = None,
             shuffle_seed: int | None = None, validation_data: Any = None,
             validation_batch_size: int | None = None, validation_steps: int | None = None,
@@ -403,15 +225,16 @@ class Trainer:
         resume = session.restore() if session is not None and not session.restored else None
         first_epoch = initial_epoch
         if resume is not None:
-            self.global_step, self.epoch, self.epoch_step = resume.global_step, resume.epoch, resume.epoch_step
+            self.position.global_step, self.position.epoch = resume.global_step, resume.epoch
+            self.position.epoch_step = resume.epoch_step
             first_epoch = resume.epoch
             self.history = {k: list(v) for k, v in resume.history.items()}
-        self._dispatch("on_train_begin")
+        self.dispatch("on_train_begin")
         logs: dict[str, float] = {}
         # The signal watcher stays installed until a preempted process has exited: a launcher that signals
         # again while it ends (horovodrun does) must not turn its exit code 42 into 143.
-        with session.watcher if session is not None else contextlib.nullcontext(), self._watching(), \
-                failures.translating(self.backend, phase="fit", position=self._position, resume=self._resume):
+        with session.watcher if session is not None else contextlib.nullcontext(), self._watch.armed(), \
+                failures.translating(self.backend, phase="fit", position=self.position.for_failure, resume=self._resume):
             try:
                 for epoch in range(first_epoch, initial_epoch + epochs):
                     logs = self._train_epoch(
@@ -419,17 +242,17 @@ class Trainer:
                         remainder=remainder, step_logger=step_logger,
                         resume=resume if resume is not None and epoch == resume.epoch else None,
                         validation=(validation_data, validation_batch_size, validation_steps))
-                    self.epoch, self.epoch_step = epoch + 1, 0  # the position after a finished epoch
+                    self.position.epoch, self.position.epoch_step = epoch + 1, 0  # after a finished epoch
                     if self.stop_training:
                         break
                 if session is not None:
                     session.save_at_end()
             except Preempted:
-                self._dispatch("on_train_end", logs)  # summaries and logs are flushed
+                self.dispatch("on_train_end", logs)  # summaries and logs are flushed
                 if session.config.exit_on_preemption:
                     exit_now()
                 raise
-        self._dispatch("on_train_end", logs)
+        self.dispatch("on_train_end", logs)
         return self.history
 
     def _train_epoch(self, data: Any, *, epoch: int, steps_per_epoch: int | None, shuffle_seed: int | None,
@@ -437,8 +260,8 @@ class Trainer:
                      validation: tuple) -> dict[str, float]:
         """One epoch of :meth:`fit`: the steps, validation, callbacks, history and the epoch line."""
         global_batch_size = self.global_batch_size
-        self.epoch = epoch
-        self._dispatch("on_epoch_begin", epoch)
+        self.position.epoch = epoch
+        self.dispatch("on_epoch_begin", epoch)
         metrics_lib.reset(self.metrics)
         resumed_lr = resume.epoch_lr if resume is not None and resume.epoch_step else None
         self.epoch_lr = resumed_lr if resumed_lr is not None else current_learning_rate(self.optimizer)
@@ -454,16 +277,96 @@ class Trainer:
             val = self.evaluate(validation_data, global_batch_size=validation_batch_size or global_batch_size,
                                 steps=validation_steps, steps_per_execution=self.fit_config["steps_per_execution"])
             logs.update({f"val_{k}": v for k, v in val.items()})
-        self._dispatch("on_epoch_end", epoch, logs)
+        self.dispatch("on_epoch_end", epoch, logs)
         for name, value in logs.items():
             self.history.setdefault(name, []).append(value)
         if self.verbose == 1 and self.backend.is_chief:
-            shown = " - ".join(f"{k} {v:.4g}" for k, v in logs.items() if k not in ("examples_per_sec", "step_time"))
-            total = self.fit_config["initial_epoch"] + self.fit_config["epochs"]
-            timing = f"examples/s, without {untimed:.2f}s of tracing" if untimed else "examples/s"
-            self._print(f"epoch {epoch + 1}/{total} - {shown} - {seconds + untimed:.2f}s "
-                        f"({logs['examples_per_sec']:.0f} {timing})")
+            self.print(progress.epoch_line(epoch=epoch, epochs=self.fit_config["initial_epoch"] +
+                                           self.fit_config["epochs"], logs=logs, seconds=seconds, untimed=untimed))
         return logs
+
+    def _run_epoch(self, kind: str, data: Any, *, global_batch_size: int, epoch: int,
+                   steps: int | None, seed: int | None, remainder: str = "drop",
+                   metrics: Sequence[keras.metrics.Metric] = (), step_logger: step_logs.StepLogger | None = None,
+                   resume: Progress | None = None, steps_per_execution: int = 1
+                   ) -> tuple[dict[str, float], int, float, float]:
+        """Runs one epoch (from ``resume``'s position when given) and returns ``(logs, steps timed, their
+        seconds, this process's seconds left out)``: the calls that traced a step function are not timed,
+        unless all did. Every process runs the same steps and gets the same logs and timing."""
+        session = self.checkpointing if kind == "train" else None
+        done = resume.epoch_step if resume is not None else 0
+        # Every process runs the same number of steps (agreed through the backend's all-reduce).
+        epoch_input = epoch_agreement.epoch_input(self.backend, data, global_batch_size=global_batch_size,
+                                                  epoch=epoch, seed=seed, steps=steps, remainder=remainder,
+                                                  skip_steps=done, pipelines=self._pipelines[kind])
+        totals = EpochTotals(backend=self.backend, metrics=metrics, carry=resume.carry if resume is not None else None)
+        self._begin_epoch(kind, done=done, epoch_input=epoch_input, step_logger=step_logger)
+        calls = epoch_calls.EpochCalls(
+            calls=self._calls, kind=kind, global_batch_size=global_batch_size, epoch_input=epoch_input,
+            steps_per_execution=steps_per_execution, step_logger=step_logger,
+            control=session.control if session is not None else None, drift_every_steps=self._drift.every_steps,
+            checkpoint_every_steps=session.config.every_steps if session is not None else None,
+            phase=self._watch.phase)
+        ran = 0
+        while (call := calls.next(step=self.position.global_step, ran=ran)) is not None:
+            result, count = call
+            self._after_call(kind, result, count=count, epoch=epoch, done=done, ran=ran, totals=totals,
+                             step_logger=step_logger, session=session)
+            ran += count
+        return self._end_epoch(kind, totals=totals, calls=calls, done=done, ran=ran,
+                               global_batch_size=global_batch_size, masked=epoch_input.masked)
+
+    def _begin_epoch(self, kind: str, *, done: int, epoch_input: Any, step_logger: step_logs.StepLogger | None):
+        """The position at an epoch's start (``done`` steps in, resuming); the step logs' window starts."""
+        position = self.position
+        if kind == "train":
+            position.epoch_step = done
+            position.epoch_steps = None if epoch_input.steps is None else done + epoch_input.steps
+        if step_logger is not None:  # with unknown lengths, steps_per_epoch is the best guess of the total
+            position.epoch_steps = position.epoch_steps or epoch_input.max_steps
+            step_logger.begin_epoch(done=done)
+
+    def _after_call(self, kind: str, result: step_functions.StepResult, *, count: int, epoch: int, done: int,
+                    ran: int, totals: EpochTotals, step_logger: step_logs.StepLogger | None,
+                    session: checkpoint_lib.CheckpointSession | None) -> None:
+        """After a call of ``count`` steps (``ran`` steps of the epoch before it): the non-finite check, the
+        totals, the position, step logs, the drift check and checkpointing, in that order."""
+        position = self.position
+        where = lambda: f"epoch {epoch + 1}, step {done + ran + 1}/{position.epoch_steps}"  # noqa: E731
+        outputs = self._nonfinite.after_call(result.outputs, first_step=position.global_step + 1, count=count,
+                                             where=where)
+        totals.add(outputs)
+        if kind == "train":
+            position.global_step += count
+            position.epoch_step = done + ran + count
+        if step_logger is not None:
+            step_logger.after_step(step=position.global_step, epoch_step=done + ran + count, totals=totals,
+                                   gradients=result.grads)
+        if kind == "train" and self._drift.due(position.global_step):
+            self._drift.check(where=f"after global step {position.global_step}")
+        if session is not None:
+            with self._watch.phase("checkpoint", "the checkpoint after a step"):
+                session.after_step(control=result.control, totals=totals)
+
+    def _end_epoch(self, kind: str, *, totals: EpochTotals, calls: epoch_calls.EpochCalls, done: int, ran: int,
+                   global_batch_size: int, masked: bool) -> tuple[dict[str, float], int, float, float]:
+        """The epoch's logs and timing (see :meth:`_run_epoch`), from one all-reduce: the step values, the
+        wall time, the count of real examples (padded input) and the metrics' states.
+
+        Raises:
+          ValueError: If the epoch ran no step.
+        """
+        steps = done + ran
+        if steps == 0:
+            raise ValueError(f"an epoch has 0 steps of global batch {global_batch_size}: a pipeline of unknown length "
+                             "ended before the first step (is the input empty, e.g. filtered away?); "
+                             "use a smaller global batch or more data")
+        if kind == "train":
+            self.position.epoch_steps = steps
+        timed, seconds, untimed = calls.timing(ran)
+        reduced = totals.reduce(seconds=seconds)
+        logs = nonfinite.epoch_logs(reduced, steps=steps, global_batch_size=global_batch_size, masked=masked)
+        return logs, timed, reduced.seconds / self.backend.size, untimed
 
     def evaluate(self, data: Any, *, global_batch_size: int, steps: int | None = None,
                  remainder: str = "pad", steps_per_execution: int = 1) -> dict[str, float]:
@@ -492,9 +395,50 @@ class Trainer:
         step_calls.check_steps_per_execution(steps_per_execution)
         metrics_lib.reset(self.eval_metrics)
         data_lib.check_data(data, model=self.model)
-        with self._watching(), failures.translating(self.backend, phase="evaluate", position=self._position,
-                                                    resume=self._resume):
+        with self._watch.armed(), failures.translating(self.backend, phase="evaluate", position=self.position.for_failure,
+                                                       resume=self._resume):
             logs, *_ = self._run_epoch("eval", data, global_batch_size=global_batch_size, epoch=0, steps=steps,
                                          seed=None, remainder=remainder, metrics=self.eval_metrics,
                                          steps_per_execution=steps_per_execution)
         return logs
+
+    # -- what callbacks and users call beside fit ---------------------------------------------------
+    def dispatch(self, hook: str, *args: Any) -> None:
+        """Calls ``callback.<hook>(self, *args)`` on every callback, in order (timed by the stall watchdog).
+
+        Args:
+          hook: The :class:`Callback` method, e.g. ``"on_step_logs"``.
+          *args: Its arguments after the trainer.
+        """
+        watchdog = self._watch.current
+        dispatch(self.callbacks, hook, self, *args,
+                 phase=None if watchdog is None else functools.partial(watchdog.phase, "callback"))
+
+    def run_config(self) -> dict[str, Any]:
+        """The run's configuration (backend, topology, optimizer, ``fit`` arguments), e.g. for a summary."""
+        backend = self.backend
+        return {"backend": backend.name, "processes": backend.size, "replicas": backend.num_replicas,
+                "model": ", ".join(m.name for m in self.models),
+                "parameters": sum(int(m.count_params()) for m in self.models),
+                "optimizer": ", ".join(type(o).__name__ for o in self.optimizers),
+                "metrics": [m.name for m in self.metrics], "eval_metrics": [m.name for m in self.eval_metrics],
+                **self.fit_config}
+
+    def save_model(self, path: str, *, model: keras.Model | None = None, overwrite: bool = False) -> str:
+        """Saves a model for serving, once, from the chief; call it on every process (they return when the
+        copy is complete, so any may load it). See :func:`disttrain.serving.save_model`.
+
+        Args:
+          path: ``*.keras``: a Keras file (``keras.models.load_model``); else a SavedModel for serving.
+          model: The model to save; required when the trainer has several (e.g. a GAN's generator).
+          overwrite: Replace an existing ``path``.
+
+        Returns:
+          ``path``.
+        """
+        return serving.save_model(model=model, models=self.models, backend=self.backend, path=path,
+                                  overwrite=overwrite)
+
+    def reset_compiled_steps(self) -> None:
+        """Drops the traced steps, so the next is traced again (e.g. after the optimizer's LR object changed)."""
+        self._calls.reset()

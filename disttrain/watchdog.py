@@ -304,3 +304,48 @@ def _has_fileno(stream: Any) -> bool:
         return True
     except (AttributeError, OSError, ValueError):
         return False
+
+
+class Watch:
+    """A trainer's stall watchdog over its ``fit`` and ``evaluate`` calls: armed around each (once when they
+    nest, as ``fit``'s validation does), and the timed phases of the loop while armed (no-ops otherwise).
+
+    Args:
+      timeout: The trainer's ``step_timeout`` in seconds; None: never armed.
+      backend: The trainer's backend (its name, rank, size, stall hint and input behaviour).
+      where: Returns the loop's position for the message.
+      marker: The compiled steps' :class:`GradientMarker`, or None.
+
+    Attributes:
+      current: The armed :class:`Watchdog`, or None.
+    """
+
+    def __init__(self, *, timeout: float | None, backend: Any, where: Callable[[], str],
+                 marker: GradientMarker | None):
+        self.timeout, self.backend, self.where, self.marker = timeout, backend, where, marker
+        self.current: Watchdog | None = None
+
+    def phase(self, kind: str, what: str) -> contextlib.AbstractContextManager:
+        """The timed phase ``kind`` (one of :data:`KINDS`) doing ``what``, when armed; else a no-op."""
+        return self.current.phase(kind, what) if self.current is not None else _NULL
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[None]:
+        """Arms the watchdog for what runs inside (unless off, or armed already).
+
+        Yields:
+          Nothing; the watchdog watches until the block ends.
+        """
+        if not self.timeout or self.current is not None:
+            yield
+            return
+        backend = self.backend
+        self.current = Watchdog(
+            timeout=self.timeout, identity=f"{backend.name}: rank {backend.rank} of {backend.size}",
+            where=self.where, hint=backend.stall_hint(), input_waits_for_peers=backend.input_waits_for_peers,
+            marker=self.marker)
+        try:
+            with self.current:
+                yield
+        finally:
+            self.current = None

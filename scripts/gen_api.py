@@ -240,12 +240,11 @@ def public_names() -> list[tuple[str, str, str]]:
     """``(public qualname, module, name)`` of every public name, in the order of the reference."""
     init = _tree("disttrain")
     names = _literal(init, "_NAMES") or {}
-    submodules = _literal(init, "_SUBMODULES") or ()
+    submodules = _literal(init, "_SUBMODULES") or {}  # public name -> the module that is it
     first = {n: i for i, n in enumerate(FIRST)}  # the trainer first, then what a step and a launch use
     out = [(f"disttrain.{n}", m, n) for n, m in sorted(names.items(), key=lambda kv: (first.get(kv[0], len(first)),
                                                                                        kv[1], kv[0]))]
-    for sub in submodules:
-        module = f"disttrain.{sub}"
+    for sub, module in submodules.items():
         tree = _tree(module)
         exported = _literal(tree, "__all__")
         if exported is None:

@@ -15,7 +15,7 @@ import pytest  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from disttrain import data as D  # noqa: E402
-from disttrain import pipelines as P  # noqa: E402
+from disttrain.input import pipelines as P  # noqa: E402
 from disttrain import shards as S  # noqa: E402
 from disttrain.backends.base import InputContext  # noqa: E402
 
@@ -253,7 +253,7 @@ def test_already_batched_dataset_is_rejected_with_the_fix():
 def test_batched_by_knows_this_tf_version():
     """batched_by reads tf.data internals (Dataset._inputs() and class names): if a TensorFlow upgrade
     changes them, this fails and names what changed, instead of batched datasets silently passing."""
-    from disttrain.data_checks import _BATCH_TYPES, _UNBATCH_TYPES, batched_by
+    from disttrain.input.data_checks import _BATCH_TYPES, _UNBATCH_TYPES, batched_by
 
     base = examples(20)
     made = {"batch": base.batch(4), "parallel batch": base.batch(4, num_parallel_calls=2),
@@ -262,7 +262,7 @@ def test_batched_by_knows_this_tf_version():
     for name, ds in made.items():
         kind = type(ds).__name__
         known = _UNBATCH_TYPES if name in ("unbatch", "rebatch") else _BATCH_TYPES
-        assert kind in known, f"tf.data's {name} dataset is now class {kind!r}: update disttrain/data_checks.py"
+        assert kind in known, f"tf.data's {name} dataset is now class {kind!r}: update disttrain/input/data_checks.py"
         assert callable(getattr(ds.map(lambda e: e), "_inputs", None)), "tf.data datasets lost _inputs()"
     assert all(batched_by(made[n]) == 4 for n in ("batch", "parallel batch", "padded_batch"))
     assert batched_by(made["unbatch"]) is None and batched_by(made["rebatch"]) is None

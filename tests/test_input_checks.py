@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 import disttrain as dt
-from disttrain import data_checks
+from disttrain.input import data_checks
 from disttrain.backends.single import SingleBackend
 from fake_ranks import run_ranks
 from shared_launches import TEST_TIMEOUT, job

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.util import tensor_util
 
 import disttrain as dt
-from disttrain import step_logs
+from disttrain.loop import step_logs
 from disttrain.backends.single import SingleBackend
 from fake_ranks import run_ranks
 

@@ -35,7 +35,7 @@ from disttrain.elastic_worker import EVENT_ENV, REPORT_PREFIX, encode_event
 from disttrain.launcher.discovery import SCRIPT_TIMEOUT, Discovery
 from disttrain.launcher.hosts import Host, Slot, assign_slots
 from disttrain.launcher.plans import HostUnreachable, Plan
-from disttrain.launcher.supervisor import PREEMPTED, TIMED_OUT, Outcome, Supervisor, describe_code
+from disttrain.launcher.supervisor import PREEMPTED, TIMED_OUT, Outcome, State, Supervisor, describe_code
 
 #: Exit code when fewer than --min-workers slots were usable for longer than --elastic-timeout
 #: (EX_TEMPFAIL of sysexits.h: try again later).
@@ -175,9 +175,9 @@ class ElasticAgent:
             finally:
                 plan.close()
             since, current, old_size = outcome.since or time.time(), chosen, len(chosen)
-            if outcome.mode in ("done", "signalled", "timeout"):
+            if outcome.mode in (State.DONE, State.SIGNALLED, State.TIMEOUT):
                 return outcome.code
-            if outcome.mode == "failed":
+            if outcome.mode == State.FAILED:
                 if not self.reported:
                     self.log(f"not re-forming: {outcome.failure.name} failed (exit code "
                              f"{describe_code(outcome.code)}) before any formation's rank 0 reported "
@@ -186,7 +186,7 @@ class ElasticAgent:
                     return outcome.code
                 reason = self._lost(outcome, current)
                 current = [h for i, h in enumerate(current) if i != outcome.failure.spec.rank]
-            elif outcome.mode == "stopped":
+            elif outcome.mode == State.STOPPED:
                 reason = self._change or "a change of hosts"
                 self.log(f"the workers stopped after {reason}; the next formation resumes from the checkpoint "
                          "they saved at the stop (no step lost)")

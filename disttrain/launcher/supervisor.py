@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import os
 import signal
 import subprocess
@@ -42,6 +43,23 @@ TIMED_OUT = 124
 #: still starting up, whose TensorFlow held the signal (MultiWorker's coordination service takes SIGTERM
 #: over while it connects), gets it again; disttrain's handler ignores a repeat while it saves.
 STOP_RESEND_SECONDS = 5.0
+
+
+class State(enum.Enum):
+    """Where the workers of one start are: ``RUNNING`` while all may run, then how the start ends.
+
+    ``DONE``: every worker exited 0 or 42 by itself; ``FAILED``: one failed; ``PREEMPTED``: one exited 42
+    first; ``SIGNALLED``: the launcher got a signal; ``TIMEOUT``: ``--timeout`` expired; ``STOPPED``: the
+    ``poll`` of :meth:`Supervisor.run_once` asked for a stop.
+    """
+
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    PREEMPTED = "preempted"
+    SIGNALLED = "signalled"
+    TIMEOUT = "timeout"
+    STOPPED = "stopped"
 
 
 def describe_code(code: int) -> str:
@@ -88,16 +106,14 @@ class Outcome:
     """How one start of all workers ended.
 
     Attributes:
-      mode: ``done`` (every worker exited 0 or 42 by itself), ``failed`` (one failed: ``failure``),
-        ``preempted`` (one exited 42 first), ``signalled`` (the launcher got a signal), ``timeout``
-        (``--timeout``) or ``stopped`` (the ``poll`` of :meth:`Supervisor.run_once` asked for a stop).
+      mode: How the start ended: a :class:`State` other than ``RUNNING`` (``FAILED``: see ``failure``).
       code: The launcher's exit code for this outcome.
       failure: The worker that failed first, for ``failed``.
       workers: Every worker of the start.
       since: ``time.time()`` when the stop began (the failure, signal or poll was noticed); None for ``done``.
     """
 
-    mode: str
+    mode: State
     code: int
     failure: "_Worker | None" = None
     workers: list = dataclasses.field(default_factory=list)
@@ -160,7 +176,7 @@ class Supervisor:
                     outcome = self.run_once(plan, deadline)
                 finally:
                     plan.close()
-                failed, code = outcome.mode == "failed", outcome.code
+                failed, code = outcome.mode == State.FAILED, outcome.code
                 if not failed or self._signals or attempt == max_restarts:
                     if failed and max_restarts:
                         self.log(f"giving up after {attempt} restart(s) (--max-restarts {max_restarts})")
@@ -201,12 +217,12 @@ class Supervisor:
           deadline: ``time.monotonic()`` value of ``--timeout``, or None.
           poll: Called about every 50 ms while all workers run; a string it returns (the reason) stops
             them as a preemption does: SIGTERM to each (they save at the same step and exit 42), SIGKILL
-            ``grace_period`` seconds later. The outcome is then ``stopped``.
+            ``grace_period`` seconds later. The outcome is then ``State.STOPPED``.
           kill_on_failure: After a worker failed, kill the others at once instead of SIGTERM first (their
             collectives wait for the lost one: they can neither finish a step nor save).
         """
         workers = [self._start(spec) for spec in plan.workers]
-        mode, kill_at, failure, stop_since, killed = "running", None, None, 0.0, False
+        mode, kill_at, failure, stop_since, killed = State.RUNNING, None, None, 0.0, False
         resend_at, resend = STOP_RESEND_SECONDS, True
         handled_signals = 0
         order: list[_Worker] = []  # in the order they exited
@@ -218,13 +234,13 @@ class Supervisor:
                     if w.code is None and w.proc.poll() is not None:
                         w.code = w.proc.returncode if w.proc.returncode >= 0 else 128 - w.proc.returncode
                         order.append(w)
-                        if mode == "running" and w.code == PREEMPTED:
-                            mode, kill_at, stop_since = "preempted", now + self.grace_period, now
+                        if mode == State.RUNNING and w.code == PREEMPTED:
+                            mode, kill_at, stop_since = State.PREEMPTED, now + self.grace_period, now
                             self.log(f"{w.name} exited with code {describe_code(w.code)}; waiting up to "
                                      f"{self.grace_period:g}s for the others to save and exit")
-                        elif (mode == "running" and w.code != 0) or (mode == "stopped" and w.code not in stop_codes
-                                                                    and not killed):
-                            mode, failure, stop_since = "failed", w, now
+                        elif (mode == State.RUNNING and w.code != 0) or (mode == State.STOPPED
+                                                                        and w.code not in stop_codes and not killed):
+                            mode, failure, stop_since = State.FAILED, w, now
                             if kill_on_failure:
                                 self.log(f"{w.name} failed with exit code {describe_code(w.code)}; killing the "
                                          "other workers (their collectives wait for it)")
@@ -240,8 +256,8 @@ class Supervisor:
                 if len(self._signals) > handled_signals:
                     handled_signals = len(self._signals)
                     name = signal.Signals(self._signals[-1]).name
-                    if handled_signals == 1 and mode in ("running", "preempted", "stopped"):
-                        mode, kill_at, stop_since = "signalled", now + self.grace_period, now
+                    if handled_signals == 1 and mode in (State.RUNNING, State.PREEMPTED, State.STOPPED):
+                        mode, kill_at, stop_since = State.SIGNALLED, now + self.grace_period, now
                         request = "INT" if self._signals[-1] == signal.SIGINT else "TERM"
                         resend = request == "TERM"  # a second SIGINT interrupts disttrain's save: never repeated
                         resend_at = STOP_RESEND_SECONDS
@@ -253,18 +269,18 @@ class Supervisor:
                     else:
                         self.log(f"{name} received again: killing the workers now")
                         kill_at = now
-                if mode == "running" and deadline is not None and now > deadline:
-                    mode, kill_at, stop_since = "timeout", now + self.stop_timeout, now
+                if mode == State.RUNNING and deadline is not None and now > deadline:
+                    mode, kill_at, stop_since = State.TIMEOUT, now + self.stop_timeout, now
                     self.log(f"timeout after {self.timeout:g}s (--timeout); stopping the workers")
                     self._send_alive(workers, "TERM")
-                if mode == "running" and poll is not None:
+                if mode == State.RUNNING and poll is not None:
                     reason = poll()
                     if reason:
-                        mode, kill_at, stop_since = "stopped", now + self.grace_period, now
+                        mode, kill_at, stop_since = State.STOPPED, now + self.grace_period, now
                         self.log(f"{reason}: asking the {len(alive)} worker(s) to stop after the same step and "
                                  f"save (SIGTERM; SIGKILL in {self.grace_period:g}s)")
                         self._send_alive(workers, "TERM")
-                if mode in ("stopped", "signalled") and resend and now - stop_since >= resend_at:
+                if mode in (State.STOPPED, State.SIGNALLED) and resend and now - stop_since >= resend_at:
                     resend_at += STOP_RESEND_SECONDS  # a worker still starting up may have missed the first one
                     self._send_alive(workers, "TERM")
                 if kill_at is not None and now >= kill_at:
@@ -290,18 +306,18 @@ class Supervisor:
             outcome.since = time.time() - (time.monotonic() - stop_since)
         return outcome
 
-    def _outcome(self, mode: str, workers: list[_Worker], order: list[_Worker], failure: _Worker | None) -> Outcome:
+    def _outcome(self, mode: State, workers: list[_Worker], order: list[_Worker], failure: _Worker | None) -> Outcome:
         codes = [w.code for w in workers]
-        if mode in ("timeout", "stopped"):
-            return Outcome(mode, TIMED_OUT if mode == "timeout" else 0, None, workers)
-        if mode == "failed":
+        if mode in (State.TIMEOUT, State.STOPPED):
+            return Outcome(mode, TIMED_OUT if mode == State.TIMEOUT else 0, None, workers)
+        if mode == State.FAILED:
             if len(workers) > 1:
                 self.log("exit codes: " + ", ".join(f"worker {w.spec.rank}: {describe_code(w.code)}" for w in workers))
             return Outcome(mode, failure.code, failure, workers)
         if all(c == 0 for c in codes):
-            return Outcome("done" if mode == "running" else mode, 0, None, workers)
+            return Outcome(State.DONE if mode == State.RUNNING else mode, 0, None, workers)
         if all(c in (0, PREEMPTED) for c in codes):
-            return Outcome("done" if mode == "running" else mode, PREEMPTED, None, workers)
+            return Outcome(State.DONE if mode == State.RUNNING else mode, PREEMPTED, None, workers)
         first = next(w for w in order if w.code not in (0, PREEMPTED))
         self.log("exit codes: " + ", ".join(f"worker {w.spec.rank}: {describe_code(w.code)}" for w in workers))
         return Outcome(mode, first.code, None, workers)

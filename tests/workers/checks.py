@@ -16,7 +16,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import disttrain as dt  # noqa: E402
-from disttrain.pipelines import element_sharded  # noqa: E402
+from disttrain.input.pipelines import element_sharded  # noqa: E402
 
 rng = np.random.default_rng(0)
 X = rng.normal(size=(64, 3)).astype("float32")

@@ -27,7 +27,7 @@ import tensorflow as tf  # noqa: E402
 
 from disttrain import data as D  # noqa: E402
 from disttrain import metrics as metrics_lib  # noqa: E402
-from disttrain import pipelines  # noqa: E402
+from disttrain.input import pipelines  # noqa: E402
 
 MAX_ID = 64
 

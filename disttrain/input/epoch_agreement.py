@@ -17,9 +17,9 @@ import numpy as np
 import tensorflow as tf
 
 from disttrain.backends.base import Backend, InputContext
-from disttrain.data import INFINITE_STEPS, Source, as_source
-from disttrain.data_checks import raise_spec_mismatch, spec_hash
-from disttrain.pipelines import REMAINDERS, check_choice, pipeline_options
+from disttrain.input.data import INFINITE_STEPS, Source, as_source
+from disttrain.input.data_checks import raise_spec_mismatch, spec_hash
+from disttrain.input.pipelines import REMAINDERS, check_choice, pipeline_options
 
 
 def _local_steps(dataset: tf.data.Dataset, context: InputContext) -> int | None:

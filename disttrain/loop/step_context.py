@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any, Callable
 
@@ -55,15 +56,38 @@ class StepContext:
         """Whether the step calls :meth:`apply_gradients` (True until it has been traced)."""
         return self._traced_apply or not self._traced
 
-    def _begin_trace(self, mark: Any, batch: Any) -> Any:
-        """Called when the step is traced on a replica: ``mark`` is the call's value for the watchdog's marks
-        (or None), ``batch`` this replica's input; returns the batch to hand the step."""
+    def begin_trace(self, mark: Any, batch: Any) -> Any:
+        """Called by the compiled steps (:mod:`disttrain.loop.step_functions`) when the step is traced on a replica,
+        before the user's step runs.
+
+        Args:
+          mark: The call's value for the watchdog's in-graph marks (an int64 tensor), or None.
+          batch: This replica's input.
+
+        Returns:
+          The batch to hand the step (marked for the watchdog when it watches).
+        """
         self._traced = True
         self._capture.mark = mark
         self._nonfinite.loss = self._nonfinite.flags = self._nonfinite.value = None  # nothing from an earlier trace
         if self._marker is not None and mark is not None:
             return self._marker.mark_batch(mark, batch)
         return batch
+
+    @contextlib.contextmanager
+    def capturing_gradients(self):
+        """Within it, on this replica's thread, :meth:`apply_gradients` also records its ``(variable, local
+        gradient)`` pairs into the list it yields (a gradient-histogram step; replicas may trace in parallel
+        threads, each has its own list).
+
+        Yields:
+          The list the pairs are appended to.
+        """
+        self._capture.pairs = captured = []
+        try:
+            yield captured
+        finally:
+            self._capture.pairs = None
 
     @tf.autograph.experimental.do_not_convert  # called from the (converted) step: keep disttrain's code as is
     def average_loss(self, per_example_loss: tf.Tensor, sample_weight: tf.Tensor | None = None) -> tf.Tensor:

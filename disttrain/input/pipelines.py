@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from disttrain.backends.base import InputContext
-from disttrain.data_checks import check_unbatched
+from disttrain.input.data_checks import check_unbatched
 
 AUTOTUNE = tf.data.AUTOTUNE
 REMAINDERS = ("drop", "pad")

@@ -20,15 +20,15 @@ tensor, or None) is the value the stall watchdog's in-graph marks take in this c
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import tensorflow as tf
 
-from disttrain import data as data_lib
+from disttrain.input import data as data_lib
 from disttrain import nonfinite
 from disttrain.backends import Backend
-from disttrain.step_context import StepContext
-from disttrain.totals import EXAMPLES
+from disttrain.loop.step_context import StepContext
+from disttrain.loop.totals import EXAMPLES
 
 #: Step output: the share of steps whose update was skipped (see :mod:`disttrain.nonfinite`).
 NONFINITE = nonfinite.NONFINITE
@@ -43,6 +43,37 @@ class CompiledSteps:
     run_batch: Callable
     ctx: StepContext
 
+
+class StepResult(NamedTuple):
+    """What one call of a compiled step gives back, whatever its variant.
+
+    Attributes:
+      outputs: ``{name: tensor}``: the step outputs summed over this process's replicas (and over the
+        call's steps).
+      grads: ``{variable path: local gradient}`` for a variant compiled with ``gradients=True``, else None.
+      control: Checkpointing's flags maximised over every process when the call was given ``control``,
+        else None.
+    """
+
+    outputs: dict
+    grads: dict | None
+    control: Any
+
+    @classmethod
+    def of(cls, value: Any, *, gradients: bool, control: bool) -> "StepResult":
+        """The result of a call that returned ``value``.
+
+        Args:
+          value: What the compiled function returned: ``outputs`` or ``(outputs, grads)``, inside
+            ``(..., control)`` when it was given control flags.
+          gradients: The variant returns gradients.
+          control: The call was given control flags.
+        """
+        flags = None
+        if control:
+            value, flags = value
+        outputs, grads = value if gradients else (value, None)
+        return cls(outputs=outputs, grads=grads, control=flags)
 
 
 def check_micro_batches(global_batch_size: int, *, replicas: int, accumulation_steps: int) -> None:
@@ -160,14 +191,11 @@ def compile_steps(*, step: Callable, backend: Backend, global_batch_size: int, g
 
     @tf.autograph.experimental.do_not_convert  # (tf.distribute would convert it, and all it calls)
     def replica_fn(batch, mark):
-        batch = ctx._begin_trace(mark, batch)
+        batch = ctx.begin_trace(mark, batch)
         if not gradients:
             return outputs_of(batch)
-        ctx._capture.pairs = captured = []  # replicas may trace in parallel threads
-        try:
+        with ctx.capturing_gradients() as captured:
             outputs = outputs_of(batch)
-        finally:
-            ctx._capture.pairs = None
         return outputs, named_gradients(captured)
 
     def on_replicas(batch, mark):

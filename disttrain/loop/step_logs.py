@@ -4,7 +4,7 @@ The decision *when* to reduce is taken identically on every process (from the gl
 an interval agreed on by all processes when ``fit`` starts), because every process must take part in
 each collective; only what callbacks do with the values (write summaries, print) depends on the rank.
 
-At a logging step the running totals of the epoch (:class:`disttrain.totals.EpochTotals`: output
+At a logging step the running totals of the epoch (:class:`disttrain.loop.totals.EpochTotals`: output
 sums, window seconds, metric states) are summed over all processes once. Callbacks then get, on every process, identical values:
 
   * each step output (``loss`` ...): its mean over the epoch's steps so far, summed over replicas
@@ -35,10 +35,10 @@ import tensorflow as tf
 
 from disttrain import nonfinite
 from disttrain.callbacks import Callback, current_learning_rate
-from disttrain.totals import EpochTotals
+from disttrain.loop.totals import EpochTotals
 
 if TYPE_CHECKING:  # pragma: no cover
-    from disttrain.trainer import Trainer
+    from disttrain.callbacks import RunningTrainer
 
 #: Logging interval used when something consumes step logs and the trainer was given none.
 DEFAULT_LOG_EVERY_STEPS = 50
@@ -106,23 +106,22 @@ class StepLogger:
     """Reduces running values at agreed steps and hands them to the callbacks (one per ``fit``).
 
     Args:
-      trainer: The trainer; its ``backend``, ``metrics``, ``optimizer`` and ``callbacks`` are used.
+      trainer: The trainer; its ``backend``, ``optimizer``, ``global_batch_size`` and ``callbacks`` are used,
+        its ``position`` read (the loop keeps it) and its ``dispatch`` called.
       intervals: From :func:`agree`.
     """
 
-    def __init__(self, *, trainer: "Trainer", intervals: Intervals):
+    def __init__(self, *, trainer: "RunningTrainer", intervals: Intervals):
         self.trainer = trainer
         self.intervals = intervals
         self._last = time.perf_counter()
         self._last_step = 0
         self._untimed = [0, 0.0]  # steps and seconds of this window's calls that traced (see exclude)
 
-    def begin_epoch(self, *, steps: int | None, done: int = 0) -> None:
+    def begin_epoch(self, *, done: int = 0) -> None:
         """Starts the timing window; call just before an epoch's first step (or, resuming, the first
         step after the ``done`` ones)."""
-        self.trainer.epoch_steps = steps
-        self.trainer.epoch_step = done
-        self._profile(next_step=self.trainer.global_step + 1)
+        self._profile(next_step=self.trainer.position.global_step + 1)
         self._last = time.perf_counter()
         self._last_step = done
         self._untimed = [0, 0.0]
@@ -162,15 +161,14 @@ class StepLogger:
           gradients: ``{variable name: local gradient sum}`` on gradient steps, else None.
         """
         trainer = self.trainer
-        trainer.epoch_step = epoch_step
         log_every, hist_every = self.intervals.log_every_steps, self.intervals.histogram_every_steps
         if log_every and step % log_every == 0:
-            trainer._dispatch("on_step_logs", step, self._reduce(epoch_step=epoch_step, totals=totals))
+            trainer.dispatch("on_step_logs", step, self._reduce(epoch_step=epoch_step, totals=totals))
         if hist_every and step % hist_every == 0:
             global_grads = {}
             if gradients:
                 global_grads = _all_reduce_structure(trainer.backend, gradients)
-            trainer._dispatch("on_histograms", step, global_grads)
+            trainer.dispatch("on_histograms", step, global_grads)
         if self.intervals.profile_steps:
             self._profile(next_step=step + 1)
 
