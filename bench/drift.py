@@ -94,8 +94,26 @@ def main() -> None:
     args = parser.parse_args()
     if args.compare:
         compare(*args.compare)
-    else:
+    elif args.out:
         train(args)
+    else:  # as `make bench` runs it: the three commands above, as a section of the page
+        both()
+
+
+def both() -> None:
+    import subprocess
+    import tempfile
+
+    print("## Drift: 2 Mirrored replicas against one device (float32)\n")
+    print(f"Command: `python bench/drift.py` (the three commands of its docstring), {CHECKPOINTS} steps.\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {"single": [], "mirrored": ["--cpu-replicas", "2"]}
+        for name, extra in runs.items():
+            subprocess.run([sys.executable, __file__, "--backend", name, *extra, "--out", f"{tmp}/{name}.npz"],
+                           check=True, timeout=600, env=dict(os.environ, DISTTRAIN_THREADS="1"))
+        print("```")
+        compare(f"{tmp}/single.npz", f"{tmp}/mirrored.npz")
+        print("```")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,9 @@ def worker(args) -> None:
                               checkpointing=checkpointing)
 
         plain = make(None)
-        flagged = make(dt.Checkpointing(tempfile.mkdtemp(), save_at_end=False))
+        # one directory for every rank (next to --out): the checkpoint directory check wants a shared one
+        flagged = make(dt.Checkpointing(os.path.join(os.path.dirname(os.path.abspath(args.out)), "checkpoints"),
+                                        save_at_end=False))
         times = {"plain": [], "flag": []}
         for repeat in range(args.repeats + 1):  # the first round traces: not counted
             for name, trainer in (("plain", plain), ("flag", flagged)) if repeat % 2 else (
