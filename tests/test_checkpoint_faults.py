@@ -54,7 +54,9 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path):
                extra_env={"DISTTRAIN_VERBOSE": "1", **dict.fromkeys(TEST_ONLY_ENV)})
     assert f"disttrain: resuming from {ckpt}/ckpt-{latest} " in proc.stderr, proc.stderr
     assert "All log messages before absl::InitializeLog() is called" in proc.stderr, proc.stderr[-3000:]
-    assert "oneDNN custom operations are on" in proc.stderr and "cpu_feature_guard" in proc.stderr
+    # (TensorFlow's oneDNN notice is printed only on CPUs where it turns oneDNN on by default, AVX-512 ones:
+    # not a notice every machine shows; the absl and CPU-feature lines are)
+    assert "cpu_feature_guard" in proc.stderr, proc.stderr[-3000:]
     assert (tmp_path / "steps").read_text() == "8"
     assert not glob.glob(str(ckpt / "*_temp"))
     assert _latest(ckpt) > latest
