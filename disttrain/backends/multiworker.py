@@ -158,29 +158,10 @@ class MultiWorkerBackend(StrategyBackend):
         if strategy.cluster_resolver.task_type not in ("chief", "worker"):
             raise ValueError(f"task type {strategy.cluster_resolver.task_type!r} cannot train; "
                              "only chief and worker tasks run the training loop")
-        super().__init__(strategy=strategy, rank=rank, size=size)
+        super().__init__(strategy=strategy, rank=rank, size=size,
+                         on_cpu=not tf.config.list_physical_devices("GPU"))
         self._local_rank = local_rank
         self._tasks = _task_list(json.loads(os.environ["TF_CONFIG"])["cluster"])
-        self._on_cpu = not tf.config.list_physical_devices("GPU")
-
-    @property
-    def input_waits_for_peers(self) -> bool:
-        # only tf.distribute's iterator (used with GPUs, see distribute_dataset) agrees on every batch
-        return self.size > 1 and not self._plain_input
-
-    @property
-    def _plain_input(self) -> bool:
-        return self._on_cpu and self.local_replicas == 1
-
-    def distribute_dataset(self, dataset_fn, *, global_batch_size: int):
-        """A worker without GPUs has one replica on its CPU: its pipeline is used as is (as on the single
-        backend), and ``strategy.run`` takes its batches as that replica's. Not only cheaper to create:
-        in TensorFlow 2.21 a ``tf.function`` first run after a ``distribute_datasets_from_function``
-        iterator exists costs about twice the CPU a step (P4's CNN: 74 vs 46 ms; see
-        bench/multiworker_iterator.py). With GPUs, tf.distribute prefetches the batches to each GPU."""
-        if self._plain_input:
-            return dataset_fn(self.input_context(global_batch_size))
-        return super().distribute_dataset(dataset_fn, global_batch_size=global_batch_size)
 
     def describe_collective_failure(self, err: BaseException) -> CollectiveFailure | None:
         """TensorFlow's errors of a lost peer: "tasks are unhealthy (stopped sending heartbeats):
