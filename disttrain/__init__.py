@@ -10,7 +10,8 @@
 The public names load on first use (PEP 562), so ``import disttrain`` and the ``disttrain`` command do
 not pay for TensorFlow's import until something needs it. ``import disttrain`` keeps TensorFlow's C++
 start-up notices out of the output (:mod:`disttrain.startup_logs`; ``DISTTRAIN_VERBOSE=1`` keeps them):
-import it before TensorFlow.
+import it before TensorFlow. It also selects TensorFlow's pooling CPU allocator unless
+``TF_CPU_ALLOCATOR_USE_BFC`` is set (:mod:`disttrain.allocator`: a 64 MiB all-reduce 1.7x faster).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
+from disttrain import allocator as _allocator
 from disttrain import startup_logs as _startup_logs
 
 _startup_logs.install()  # before anything loads TensorFlow: its start-up notices stay out of the output
+_allocator.install()  # before the first CPU tensor: TensorFlow's pooling (BFC) CPU allocator, see allocator.py
 
 __version__ = "0.1.0"
 
