@@ -313,8 +313,10 @@ class Trainer:
             self._after_call(kind, result, count=count, epoch=epoch, done=done, ran=ran, totals=totals,
                              step_logger=step_logger, session=session)
             ran += count
-        return self._end_epoch(kind, totals=totals, calls=calls, done=done, ran=ran,
-                               global_batch_size=global_batch_size, masked=epoch_input.masked)
+        result = self._end_epoch(kind, totals=totals, calls=calls, done=done, ran=ran,
+                                 global_batch_size=global_batch_size, masked=epoch_input.masked)
+        epoch_input.close()  # its iterator is torn down on another thread (see disttrain.input.release)
+        return result
 
     def _begin_epoch(self, kind: str, *, done: int, epoch_input: Any, step_logger: step_logs.StepLogger | None):
         """The position at an epoch's start (``done`` steps in, resuming); the step logs' window starts."""

@@ -19,6 +19,7 @@ import tensorflow as tf
 from disttrain.backends.base import Backend, InputContext
 from disttrain.input.data import INFINITE_STEPS, Source, as_source
 from disttrain.input.data_checks import raise_spec_mismatch, spec_hash
+from disttrain.input import release
 from disttrain.input.pipelines import REMAINDERS, check_choice, pipeline_options
 
 
@@ -78,6 +79,11 @@ class EpochInput:
         self.masked = masked  # batches carry a padding mask (see mask_of)
         self.element_spec = element_spec
         self._taken = 0
+
+    def close(self) -> None:
+        """Gives up the iterator; it is torn down on :mod:`disttrain.input.release`'s thread."""
+        iterator, self.iterator = self.iterator, None
+        release.release(iterator)
 
     def next_agreed(self) -> Any | None:
         """The next step input, or None (on every process) once any process has run out of data or
