@@ -8,10 +8,13 @@ the peer's hand-written loop (Horovod's tensorflow2_synthetic_benchmark.py recip
 with ``hvd.grouped_allreduce``; TensorFlow's multi-worker custom-loop tutorial: ``strategy.run`` +
 ``strategy.reduce``), same model, data, optimizer and threads; and, to separate what the machine costs from
 what communication costs, 2 independent single-device processes at the same time (no communication at
-all: the ceiling). Every process trains the same CNN on cached batches (32 images a replica) and times
-one epoch of ``--steps`` steps after a warm-up epoch (``Trainer.fit``, or the hand-written epoch: a new
-iterator, the steps, the epoch's mean loss over the ranks). Ratios are per repetition: 2-rank per-rank
-throughput / the lone process's, disttrain / hand-written, and disttrain / 2 independent.
+all: the ceiling; they start their timed steps together, see ``meet``). Every process trains the same CNN
+on cached batches (32 images a replica) and times one epoch of ``--steps`` steps after a warm-up epoch
+(``Trainer.fit``, or the hand-written epoch: a new iterator, the steps, the epoch's mean loss over the
+ranks). Ratios are per repetition: 2-rank per-rank throughput / the lone process's, disttrain /
+hand-written, and disttrain / 2 independent. "Horovod paired" runs disttrain and the hand-written Horovod
+loop in the same two processes, an epoch of each in turn (``horovod_paired``): the like-for-like
+comparison, since this VM's step time moves by up to 2x between launches and even between epochs.
 """
 
 from __future__ import annotations
@@ -81,6 +84,22 @@ def report(args, *, steps_seconds: float, cpu_before: dict, per_rank: float, chi
                        "cpu_per_step": {k: v for k, v in cpu.items() if v > 0}}, f)
 
 
+def meet(args) -> None:
+    """Independent processes (no collective to wait in) start timing together: each one marks that its
+    warm-up is done in ``args.meet`` and waits until ``args.meet_count`` have. Without it one process's
+    timed steps overlap the other's start-up (import, tracing: more than one thread), which costs the
+    timed one up to a third of its core."""
+    if not args.meet:
+        return
+    with open(os.path.join(args.meet, f"ready-{os.getpid()}"), "w"):
+        pass
+    deadline = time.monotonic() + args.timeout
+    while len([n for n in os.listdir(args.meet) if n.startswith("ready-")]) < args.meet_count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the other independent process did not finish its warm-up in {args.timeout:g} s")
+        time.sleep(0.005)
+
+
 def threads_of_one() -> None:
     """What a hand-written loop at 1 thread sets (disttrain does the same from DISTTRAIN_THREADS=1)."""
     import tensorflow as tf
@@ -89,11 +108,10 @@ def threads_of_one() -> None:
     tf.config.threading.set_inter_op_parallelism_threads(1)
 
 
-def horovod_hand_written(args) -> None:
+def horovod_hand_written_epoch():
     """Horovod's own recipe (examples/tensorflow2/tensorflow2_synthetic_benchmark.py, adapted to Keras 3):
     a ``tf.function`` step whose gradients go through one ``hvd.grouped_allreduce`` (the averaging
-    ``hvd.DistributedGradientTape`` does), variables broadcast from rank 0 once."""
-    threads_of_one()
+    ``hvd.DistributedGradientTape`` does), variables broadcast from rank 0 once. Returns ``epoch(steps)``."""
     import horovod.tensorflow as hvd
     import keras
     import tensorflow as tf
@@ -117,12 +135,22 @@ def horovod_hand_written(args) -> None:
 
     # Keras 3 variables wrap a tf.Variable (``.value``), which is what Horovod assigns to
     hvd.broadcast_variables([v.value for v in model.variables + optimizer.variables], root_rank=0)
+
     def epoch(steps):  # as a user writes one: a new iterator, the steps, the epoch's mean loss over the ranks
         iterator, total = iter(dataset), tf.constant(0.0)
         for _ in range(steps):
             total += step(iterator)
         return float(hvd.allreduce(total / steps, op=hvd.Average))
 
+    return epoch
+
+
+def horovod_hand_written(args) -> None:
+    threads_of_one()
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+
+    epoch = horovod_hand_written_epoch()
     epoch(5)  # warm-up: tracing
     hvd.allreduce(tf.constant(0.0))  # a barrier
     cpu_before, start = thread_cpu(), time.perf_counter()
@@ -130,6 +158,28 @@ def horovod_hand_written(args) -> None:
     seconds = time.perf_counter() - start
     per_rank = float(hvd.allreduce(tf.constant(args.steps * BATCH / seconds), op=hvd.Average))
     report(args, steps_seconds=seconds, cpu_before=cpu_before, per_rank=per_rank, chief=hvd.rank() == 0)
+
+
+def horovod_paired(args) -> None:
+    """disttrain and the hand-written Horovod loop in the same two processes, one epoch each in turn
+    (order alternating), ``args.pairs`` pairs: both meet the same machine state, which between launches
+    (and between epochs) moves by up to 2x on this VM. Writes the per-step seconds (slower rank) of each."""
+    import disttrain as dt
+
+    backend = dt.get_backend("horovod")
+    epochs = {"hand-written": horovod_hand_written_epoch(), "disttrain": disttrain_epoch(backend)}
+    for epoch in epochs.values():
+        epoch(5)  # warm-up: tracing
+    seconds: dict[str, list[float]] = {name: [] for name in epochs}
+    for i in range(2 * args.pairs):
+        name = list(epochs)[(i + i // 2) % 2]  # hand, dt, dt, hand, hand, dt, ...: each first as often
+        backend.barrier()
+        start = time.perf_counter()
+        epochs[name](args.steps)
+        seconds[name].append(backend.all_reduce(time.perf_counter() - start, "max") / args.steps)
+    if backend.is_chief:
+        with open(args.out, "w") as f:
+            json.dump({"paired": seconds}, f)
 
 
 def multiworker_hand_written(args) -> None:
@@ -180,17 +230,13 @@ def multiworker_hand_written(args) -> None:
     report(args, steps_seconds=seconds, cpu_before=cpu_before, per_rank=float(mean), chief=rank == 0)
 
 
-def worker(args) -> None:
-    if args.backend == "horovod hand-written":
-        return horovod_hand_written(args)
-    if args.backend == "multiworker hand-written":
-        return multiworker_hand_written(args)
-    import disttrain as dt
-
-    options = {"cycle_time_ms": args.cycle_time_ms} if args.cycle_time_ms else {}
-    backend = dt.get_backend(args.backend, **options)
+def disttrain_epoch(backend):
+    """disttrain's side: the same CNN, data and optimizer under ``backend``; returns ``epoch(steps)`` (one
+    ``Trainer.fit`` of ``steps`` steps)."""
     import keras
     import tensorflow as tf
+
+    import disttrain as dt
 
     with backend.scope():
         model = build_cnn()
@@ -209,16 +255,33 @@ def worker(args) -> None:
 
     trainer = dt.Trainer(model=model, optimizer=optimizer, train_step=train_step, backend=backend, verbose=0)
     gb = BATCH * backend.num_replicas
-    trainer.fit(cached, global_batch_size=gb, steps_per_epoch=5)  # warm-up: tracing
+    return lambda steps: trainer.fit(cached, global_batch_size=gb, steps_per_epoch=steps)
+
+
+def worker(args) -> None:
+    if args.backend == "horovod hand-written":
+        return horovod_hand_written(args)
+    if args.backend == "horovod paired":
+        return horovod_paired(args)
+    if args.backend == "multiworker hand-written":
+        return multiworker_hand_written(args)
+    import disttrain as dt
+
+    options = {"cycle_time_ms": args.cycle_time_ms} if args.cycle_time_ms else {}
+    backend = dt.get_backend(args.backend, **options)
+    epoch = disttrain_epoch(backend)
+    epoch(5)  # warm-up: tracing
     backend.barrier()
+    meet(args)
     cpu_before, start = thread_cpu(), time.perf_counter()
-    trainer.fit(cached, global_batch_size=gb, steps_per_epoch=args.steps)
+    epoch(args.steps)
     seconds = time.perf_counter() - start
     rate = backend.all_reduce(args.steps * BATCH * backend.local_replicas / seconds, "mean")  # per rank
     report(args, steps_seconds=seconds, cpu_before=cpu_before, per_rank=rate, chief=backend.is_chief)
 
 
 PROFILES: dict[str, dict] = {}  # kind -> the chief's last {"step_seconds", "cpu_per_step"}
+PAIRED: dict[str, list[float]] = {}  # "disttrain" / "hand-written" -> seconds per step, epoch i of each a pair
 
 
 def launch(kind: str, args, tmp: str) -> float:
@@ -231,10 +294,13 @@ def launch(kind: str, args, tmp: str) -> float:
     if kind == "one process":
         cmds = [me + ["--backend", "single", "--out", outs[0]]]
     elif kind == "2 independent":
-        cmds = [me + ["--backend", "single", "--out", o] for o in outs]
+        meeting = tempfile.mkdtemp(dir=tmp)
+        cmds = [me + ["--backend", "single", "--out", o, "--meet", meeting, "--meet-count", "2"] for o in outs]
     elif kind.startswith("Horovod"):
         extra = ["--cycle-time-ms", str(args.cycle_time_ms)] if "cycle" in kind else []
-        which = "horovod hand-written" if "hand-written" in kind else "horovod"
+        which = ("horovod hand-written" if "hand-written" in kind else "horovod paired" if "paired" in kind
+                 else "horovod")
+        extra += ["--pairs", str(args.pairs)] if "paired" in kind else []
         cmds = [[os.path.join(bindir, "horovodrun"), "-np", "2", "-H", "localhost:2", "--gloo"] + me +
                 ["--backend", which, "--out", outs[0]] + extra]
     else:
@@ -249,6 +315,11 @@ def launch(kind: str, args, tmp: str) -> float:
             raise RuntimeError(f"{kind} failed (exit {proc.returncode}): {' '.join(proc.args)}\n{err[-4000:]}")
         with open(out) as f:
             result = json.load(f)
+        if "paired" in result:  # per-step seconds of each side; the launch's value: disttrain's throughput
+            for side, values in result["paired"].items():
+                PAIRED.setdefault(side, []).extend(values)
+            os.remove(out)
+            return BATCH / statistics.median(result["paired"]["disttrain"])
         rates.append(result["per_rank"])
         PROFILES[kind] = result
         os.remove(out)
@@ -263,16 +334,19 @@ def main(argv=None) -> int:
                         help="also time Horovod with this cycle (off by default: 0.56 at 10 ms against 0.64 at "
                              "the default 1 ms on 2026-11-26); a worker: this rank's setting")
     parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--pairs", type=int, default=2, help="epoch pairs per 'Horovod paired' launch")
     parser.add_argument("--kinds", default=None, help="comma-separated subset of the launches (development)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--meet", help=argparse.SUPPRESS)
+    parser.add_argument("--meet-count", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--backend", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         worker(args)
         return 0
-    kinds = ["one process", "Horovod gloo", "Horovod hand-written", "MultiWorker", "MultiWorker hand-written",
-             "2 independent"]
+    kinds = ["one process", "Horovod gloo", "Horovod hand-written", "Horovod paired", "MultiWorker",
+             "MultiWorker hand-written", "2 independent"]
     if args.kinds:
         kinds = ["one process"] + [k for k in args.kinds.split(",") if k != "one process"]
     if args.cycle_time_ms:
@@ -284,7 +358,7 @@ def main(argv=None) -> int:
         _common.measure(f"P4 step time, {kind}", BATCH / statistics.median(rates[kind]), "s",
                         f"{BATCH} images / median per-rank examples/s, CNN of P4, {kind}")
     rows = []
-    for kind in kinds[1:]:
+    for kind in [k for k in kinds[1:] if k != "Horovod paired"]:
         goal = ">= 0.9" if kind in ("Horovod gloo", "MultiWorker") else None
         detail = f"{statistics.median(rates[kind]):.0f} vs {statistics.median(base):.0f} examples/s per rank"
         if kind == "2 independent":
@@ -292,7 +366,14 @@ def main(argv=None) -> int:
         rows.append((f"P4 {kind}", f"per-rank throughput, 2 x 1 thread ({kind}) / 1 x 1 thread", _common.ratios(rates[kind], base),
                      goal, detail))
     # against the peers in the same run: the hand-written loops, and the machine's ceiling
-    for ours, theirs, goal in (("Horovod gloo", "Horovod hand-written", ">= 0.97"),
+    if PAIRED:
+        ours, theirs = PAIRED["disttrain"], PAIRED["hand-written"]
+        rows.append(("P4 Horovod gloo / Horovod hand-written, same processes", "per-rank throughput, disttrain / "
+                     "the hand-written loop, alternating epochs in the same 2 Horovod processes",
+                     _common.ratios(theirs, ours), ">= 0.97",
+                     f"{BATCH / statistics.median(ours):.0f} vs {BATCH / statistics.median(theirs):.0f} examples/s "
+                     f"per rank; {len(ours)} epoch pairs from {args.reps} launches"))
+    for ours, theirs, goal in (("Horovod gloo", "Horovod hand-written", None),
                                ("MultiWorker", "MultiWorker hand-written", ">= 0.97"),
                                ("Horovod gloo", "2 independent", ">= 0.85"), ("MultiWorker", "2 independent", None)):
         if ours in rates and theirs in rates:
@@ -305,6 +386,7 @@ def main(argv=None) -> int:
              f"{BATCH} per rank, SGD with momentum, {args.steps} timed steps after a warm-up; {args.reps} repetitions, "
              f"launches in rotating order. Load average: {_common.load()}.", ""]
     lines += _common.ratio_table(rows)
+    kinds = [k for k in kinds if k in PROFILES]  # the paired launches keep no per-thread profile
     lines += ["", "Where the time goes (last repetition, rank 0): wall time per step and CPU seconds per step by "
               "thread (name without digits; `python3` is the main thread that runs the step's ops at 1 thread, "
               "`tf_` threads are TensorFlow's pools, others are Horovod / gloo / gRPC). CPU time beyond the "
