@@ -25,6 +25,23 @@ def load() -> str:
     return f"{one:.1f} (1 min) / {five:.1f} (5 min) on {os.cpu_count()} CPUs"
 
 
+def synced_timer(backend, cpu: dict | None = None):
+    """``synced(fn, calls, name=None)``: seconds per call of ``fn`` on the slower rank, ranks started
+    together. With ``cpu`` and a ``name``, also appends to ``cpu[name]`` the CPU seconds per call that all
+    ranks' processes used together (every thread: the step's, Horovod's, gloo's)."""
+
+    def synced(fn, calls, name=None):
+        backend.barrier()
+        start, cpu_start = time.perf_counter(), time.process_time()
+        for _ in range(calls):
+            fn()
+        if cpu is not None and name is not None:
+            cpu.setdefault(name, []).append(backend.all_reduce((time.process_time() - cpu_start) / calls, "sum"))
+        return backend.all_reduce((time.perf_counter() - start) / calls, "max")
+
+    return synced
+
+
 def interleaved(variants: dict[str, Callable[[], float]], *, reps: int) -> dict[str, list[float]]:
     """Runs each variant ``reps`` times, rotating the order every repetition; returns the values it
     returned (e.g. seconds per step) by variant."""

@@ -29,7 +29,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
@@ -38,23 +37,6 @@ SIZES = {"1 KiB": 1 << 10, "1 MiB": 1 << 20, "64 MiB": 64 << 20}
 CALLS = {"1 KiB": 200, "1 MiB": 40, "64 MiB": 8}
 WIDTH, LAYERS, BATCH = 1448, 8, 16  # 8 x 1448^2 float32 weights = 64 MiB of gradients
 BUCKET_MB = 16
-
-
-def synced_timer(backend, cpu: dict | None = None):
-    """``synced(fn, calls, name=None)``: seconds per call of ``fn`` on the slower rank, ranks started
-    together. With ``cpu`` and a ``name``, also appends to ``cpu[name]`` the CPU seconds per call that all
-    ranks' processes used together (every thread: the step's, Horovod's, gloo's)."""
-
-    def synced(fn, calls, name=None):
-        backend.barrier()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        for _ in range(calls):
-            fn()
-        if cpu is not None and name is not None:
-            cpu.setdefault(name, []).append(backend.all_reduce((time.process_time() - cpu_start) / calls, "sum"))
-        return backend.all_reduce((time.perf_counter() - start) / calls, "max")
-
-    return synced
 
 
 def bandwidth_worker(args) -> None:
@@ -68,7 +50,7 @@ def bandwidth_worker(args) -> None:
     import tensorflow as tf
 
     comm = MPI.COMM_WORLD
-    synced = synced_timer(backend)
+    synced = _common.synced_timer(backend)
 
     def sum16(a, b, datatype):  # a float16 sum for mpi4py (MPI has no half-precision reduction)
         x, y = np.frombuffer(a, np.float16), np.frombuffer(b, np.float16)
@@ -118,7 +100,7 @@ def overlap_worker(args) -> None:
     import tensorflow as tf
 
     cpu: dict[str, list[float]] = {}
-    synced = synced_timer(backend, cpu)
+    synced = _common.synced_timer(backend, cpu)
     variants = {}
     keras.utils.set_random_seed(0)
     layers = [keras.Input(shape=(WIDTH,))] + [keras.layers.Dense(WIDTH, use_bias=False, activation="tanh")

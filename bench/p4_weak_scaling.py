@@ -170,13 +170,9 @@ def horovod_paired(args) -> None:
     epochs = {"hand-written": horovod_hand_written_epoch(), "disttrain": disttrain_epoch(backend)}
     for epoch in epochs.values():
         epoch(5)  # warm-up: tracing
-    seconds: dict[str, list[float]] = {name: [] for name in epochs}
-    for i in range(2 * args.pairs):
-        name = list(epochs)[(i + i // 2) % 2]  # hand, dt, dt, hand, hand, dt, ...: each first as often
-        backend.barrier()
-        start = time.perf_counter()
-        epochs[name](args.steps)
-        seconds[name].append(backend.all_reduce(time.perf_counter() - start, "max") / args.steps)
+    synced = _common.synced_timer(backend)
+    seconds = _common.interleaved({name: (lambda epoch=epoch: synced(lambda: epoch(args.steps), 1) / args.steps)
+                                   for name, epoch in epochs.items()}, reps=args.pairs)  # order rotating
     if backend.is_chief:
         with open(args.out, "w") as f:
             json.dump({"paired": seconds}, f)
