@@ -45,7 +45,7 @@ def release(obj: Any) -> None:
 
 
 def wait_idle(timeout: float = 60.0) -> bool:
-    """Blocks until everything handed over so far has been dropped (for tests); False on timeout."""
+    """Blocks until everything handed over so far has been dropped (tests; at exit); False on timeout."""
     done = threading.Event()
     release(done)  # reaches the thread after everything before it; _run sets it
     return done.wait(timeout)
