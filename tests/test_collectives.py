@@ -31,4 +31,9 @@ def test_collectives(launcher, backend, size, tmp_path_factory):
         assert res["types"]["sum_int"] == "int" and res["types"]["mean_float"] == "float"
         assert res["markers_after_barrier"] == [f"marker{k}" for k in ranks if k != 0]
         assert "median" in res["bad_op"] and "sum, mean, max, min" in res["bad_op"]
+        assert res["main_thread_idle"] is False
+        if backend == "horovod":  # its background thread and Gloo's yield the 2 cores to compute
+            assert res["communication_priority"] == "idle" and res["idle_threads"] >= 2
+        else:
+            assert res["communication_priority"] is None and res["idle_threads"] == 0
     assert results[0]["replicas"] == (2 if launcher == "mirrored" else size)

@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import tensorflow as tf
 
-from disttrain.backends import reachability
+from disttrain.backends import reachability, thread_priority
 from disttrain.backends.base import Backend, InputContext
 from disttrain.backends.devices import horovod_gpu_operations, local_gpu_index
 from disttrain.backends.failures import CollectiveFailure
@@ -145,20 +145,27 @@ class HorovodBackend(Backend):
       cycle_time_ms: Milliseconds the background thread waits between fusion cycles (Horovod's
         default 1; larger fuses more, smaller lowers latency).
       startup_timeout: Seconds to wait for the other ranks (default DISTTRAIN_STARTUP_TIMEOUT or 300).
+      communication_priority: ``idle`` runs Horovod's threads (its background thread and Gloo's) at
+        Linux's ``SCHED_IDLE``, so they take a core only when compute leaves one free (see
+        :mod:`disttrain.backends.thread_priority`); ``normal`` leaves them as Horovod starts them;
+        ``auto`` (the default, or ``DISTTRAIN_COMM_PRIORITY``) is ``idle`` when this rank has no GPU
+        and every rank runs on this host, else ``normal``.
 
     Raises:
       ImportError: If Horovod is not installed; the message names the install command.
-      ValueError: For a negative fusion threshold or a non-positive cycle time, or a host with several GPUs
-        but fewer than its processes (two would share one).
+      ValueError: For a negative fusion threshold or a non-positive cycle time, a communication priority
+        other than auto, normal or idle, or a host with several GPUs but fewer than its processes (two
+        would share one).
       TimeoutError: If a rank does not reach the rendezvous in time.
     """
 
     name = "horovod"
 
     def __init__(self, *, fusion_threshold_mb: float | None = None, cycle_time_ms: float | None = None,
-                 startup_timeout: float | None = None):
+                 startup_timeout: float | None = None, communication_priority: str | None = None):
         hvd = import_horovod()
         self._hvd = hvd
+        priority = thread_priority.resolve(communication_priority)
         env = horovod_env(fusion_threshold_mb=fusion_threshold_mb, cycle_time_ms=cycle_time_ms)
         if env and hvd.is_initialized():
             raise ValueError(f"Horovod is already initialised; {env} can only be set before hvd.init(): "
@@ -171,8 +178,21 @@ class HorovodBackend(Backend):
                              "it with e.g. `horovodrun -np 2 python script.py`\n")
             sys.stderr.flush()
         self._hosts = wait_for_horovod_peers(timeout=_startup_timeout(startup_timeout))
-        hvd.init()
+        with thread_priority.started_threads() as started:
+            hvd.init()
         gpus = tf.config.list_physical_devices("GPU")
+        if priority == "auto":
+            idle = thread_priority.auto_idle(num_gpus=len(gpus), size=hvd.size(), local_size=hvd.local_size())
+            priority = "idle" if idle else "normal"
+        if priority == "idle":
+            refused = thread_priority.set_idle(started)
+            if refused:
+                priority = "normal"
+                if hvd.rank() == 0:
+                    sys.stderr.write("disttrain: warning: Horovod's threads keep their priority "
+                                     f"({'; '.join(refused)})\n")
+        #: ``idle`` or ``normal``: what Horovod's threads run at in this process.
+        self.communication_priority = priority
         if gpus:  # one GPU per process, picked by local rank
             gpu = gpus[local_gpu_index(local_rank=hvd.local_rank(), num_gpus=len(gpus))]
             try:

@@ -26,6 +26,11 @@ result = {
     "broadcast_from_last": backend.broadcast(r * 3, root=backend.size - 1),
 }
 types = {k: type(v).__name__ for k, v in result.items()}
+# Horovod's threads run at SCHED_IDLE when every rank is on this CPU-only host (backends/thread_priority.py)
+result["communication_priority"] = getattr(backend, "communication_priority", None)
+tids = [int(t) for t in os.listdir("/proc/self/task")]
+result["idle_threads"] = sum(os.sched_getscheduler(t) == os.SCHED_IDLE for t in tids if os.path.exists(f"/proc/self/task/{t}"))
+result["main_thread_idle"] = os.sched_getscheduler(0) == os.SCHED_IDLE
 result["types"] = types
 # barrier: every other rank writes its marker late; after the barrier rank 0 must see them all
 if r != 0:

@@ -1,0 +1,83 @@
+"""Communication threads at SCHED_IDLE (disttrain/backends/thread_priority.py); a real Horovod launch's
+threads are checked in tests/test_collectives.py."""
+
+import os
+import threading
+
+import pytest
+
+from disttrain.backends import thread_priority as tp
+
+
+def _thread(name: str | None = None):
+    """Starts a thread that waits; returns (its native id, the event that ends it, the thread)."""
+    ready, stop = threading.Event(), threading.Event()
+    box = {}
+
+    def body():
+        box["tid"] = threading.get_native_id()
+        if name:  # the kernel's name, what /proc/self/task/<tid>/comm shows (TensorFlow names its pools so)
+            with open(f"/proc/self/task/{box['tid']}/comm", "w") as f:
+                f.write(name)
+        ready.set()
+        stop.wait(30)
+
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    ready.wait(10)
+    return box["tid"], stop, thread
+
+
+def test_started_threads_finds_the_threads_started_inside_and_skips_tensorflow_pools():
+    old, stop_old, _ = _thread()
+    with tp.started_threads() as started:
+        new, stop_new, _ = _thread()
+        pool, stop_pool, _ = _thread("tf_Compute")
+    try:
+        assert started == [new], (started, old, pool)
+        assert threading.get_native_id() not in started
+    finally:
+        for stop in (stop_old, stop_new, stop_pool):
+            stop.set()
+
+
+def test_set_idle_gives_the_thread_sched_idle_and_leaves_the_caller_alone():
+    tid, stop, thread = _thread()
+    try:
+        assert os.sched_getscheduler(tid) == os.SCHED_OTHER
+        assert tp.set_idle([tid]) == []
+        assert os.sched_getscheduler(tid) == os.SCHED_IDLE
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    finally:
+        stop.set()
+        thread.join(10)
+    assert tp.set_idle([tid]) == []  # a thread that ended meanwhile is no error
+
+
+def test_set_idle_reports_what_the_kernel_refused():
+    def refuse(tid, policy, param):
+        raise PermissionError(1, "Operation not permitted")
+
+    assert tp.set_idle([123, 456], setscheduler=refuse) == [
+        "thread 123: [Errno 1] Operation not permitted", "thread 456: [Errno 1] Operation not permitted"]
+
+
+def test_resolve_reads_the_argument_then_the_environment():
+    assert tp.resolve(None, environ={}) == "auto"
+    assert tp.resolve(None, environ={tp.PRIORITY_ENV: "normal"}) == "normal"
+    assert tp.resolve("idle", environ={tp.PRIORITY_ENV: "normal"}) == "idle"
+    with pytest.raises(ValueError, match=r"DISTTRAIN_COMM_PRIORITY='low' is not a communication priority; "
+                                         r"use one of auto, normal, idle"):
+        tp.resolve(None, environ={tp.PRIORITY_ENV: "low"})
+    with pytest.raises(ValueError, match=r"communication_priority='high'"):
+        tp.resolve("high", environ={})
+
+
+@pytest.mark.parametrize("num_gpus,size,local_size,idle", [
+    (0, 2, 2, True),     # every rank on this CPU-only host: the transfer is CPU work on the same cores
+    (0, 4, 2, False),    # ranks on other hosts: a NIC can move bytes while the cores compute
+    (1, 2, 2, False),    # a GPU computes; the cores are free for Horovod
+    (0, 1, 1, False),    # one rank: nothing to communicate
+])
+def test_auto_is_idle_only_for_cpu_ranks_all_on_one_host(num_gpus, size, local_size, idle):
+    assert tp.auto_idle(num_gpus=num_gpus, size=size, local_size=local_size) is idle
