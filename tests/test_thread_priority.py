@@ -73,11 +73,12 @@ def test_resolve_reads_the_argument_then_the_environment():
         tp.resolve("high", environ={})
 
 
-@pytest.mark.parametrize("num_gpus,size,local_size,idle", [
-    (0, 2, 2, True),     # every rank on this CPU-only host: the transfer is CPU work on the same cores
-    (0, 4, 2, False),    # ranks on other hosts: a NIC can move bytes while the cores compute
-    (1, 2, 2, False),    # a GPU computes; the cores are free for Horovod
-    (0, 1, 1, False),    # one rank: nothing to communicate
+@pytest.mark.parametrize("num_gpus,size,local_size,gloo,idle", [
+    (0, 2, 2, True, True),     # every Gloo rank on this CPU-only host: the transfer is CPU work on the same cores
+    (0, 4, 2, True, False),    # ranks on other hosts: a NIC can move bytes while the cores compute
+    (1, 2, 2, True, False),    # a GPU computes; the cores are free for Horovod
+    (0, 1, 1, True, False),    # one rank: nothing to communicate
+    (0, 2, 2, False, False),   # the MPI controller (mpirun): measured slower at idle
 ])
-def test_auto_is_idle_only_for_cpu_ranks_all_on_one_host(num_gpus, size, local_size, idle):
-    assert tp.auto_idle(num_gpus=num_gpus, size=size, local_size=local_size) is idle
+def test_auto_is_idle_only_for_gloo_cpu_ranks_all_on_one_host(num_gpus, size, local_size, gloo, idle):
+    assert tp.auto_idle(num_gpus=num_gpus, size=size, local_size=local_size, gloo=gloo) is idle

@@ -148,8 +148,8 @@ class HorovodBackend(Backend):
       communication_priority: ``idle`` runs Horovod's threads (its background thread and Gloo's) at
         Linux's ``SCHED_IDLE``, so they take a core only when compute leaves one free (see
         :mod:`disttrain.backends.thread_priority`); ``normal`` leaves them as Horovod starts them;
-        ``auto`` (the default, or ``DISTTRAIN_COMM_PRIORITY``) is ``idle`` when this rank has no GPU
-        and every rank runs on this host, else ``normal``.
+        ``auto`` (the default, or ``DISTTRAIN_COMM_PRIORITY``) is ``idle`` when this rank has no GPU,
+        every rank runs on this host and the controller is Gloo (horovodrun), else ``normal``.
 
     Raises:
       ImportError: If Horovod is not installed; the message names the install command.
@@ -182,7 +182,8 @@ class HorovodBackend(Backend):
             hvd.init()
         gpus = tf.config.list_physical_devices("GPU")
         if priority == "auto":
-            idle = thread_priority.auto_idle(num_gpus=len(gpus), size=hvd.size(), local_size=hvd.local_size())
+            idle = thread_priority.auto_idle(num_gpus=len(gpus), size=hvd.size(), local_size=hvd.local_size(),
+                                             gloo=bool(hvd.gloo_enabled()))
             priority = "idle" if idle else "normal"
         if priority == "idle":
             refused = thread_priority.set_idle(started)
