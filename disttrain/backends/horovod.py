@@ -182,8 +182,9 @@ class HorovodBackend(Backend):
             hvd.init()
         gpus = tf.config.list_physical_devices("GPU")
         if priority == "auto":
-            idle = thread_priority.auto_idle(num_gpus=len(gpus), size=hvd.size(), local_size=hvd.local_size(),
-                                             gloo=bool(hvd.gloo_enabled()))
+            # with a GPU the threads move device memory, not the compute's cores: normal, nothing to ask
+            idle = not gpus and thread_priority.auto_idle(num_gpus=0, size=hvd.size(), local_size=hvd.local_size(),
+                                                          gloo=bool(hvd.gloo_enabled()))
             priority = "idle" if idle else "normal"
         if priority == "idle":
             refused = thread_priority.set_idle(started)
