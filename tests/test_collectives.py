@@ -34,6 +34,7 @@ def test_collectives(launcher, backend, size, tmp_path_factory):
         assert res["main_thread_idle"] is False
         if backend == "horovod":  # its background thread and Gloo's yield the 2 cores to compute
             assert res["communication_priority"] == "idle" and res["idle_threads"] >= 2
+            assert res["horovod_cycle_time"] == "0.5"  # idle threads: the shorter cycle, none being set
         else:
             assert res["communication_priority"] is None and res["idle_threads"] == 0
     assert results[0]["replicas"] == (2 if launcher == "mirrored" else size)

@@ -82,3 +82,64 @@ def test_resolve_reads_the_argument_then_the_environment():
 ])
 def test_auto_is_idle_only_for_gloo_cpu_ranks_all_on_one_host(num_gpus, size, local_size, gloo, idle):
     assert tp.auto_idle(num_gpus=num_gpus, size=size, local_size=local_size, gloo=gloo) is idle
+
+
+@pytest.mark.parametrize("environ,num_gpus,idle", [
+    ({"HOROVOD_SIZE": "2", "HOROVOD_LOCAL_SIZE": "2", "HOROVOD_CONTROLLER": "gloo"}, 0, True),  # horovodrun --gloo
+    ({"HOROVOD_SIZE": "4", "HOROVOD_LOCAL_SIZE": "2", "HOROVOD_CONTROLLER": "gloo"}, 0, False),  # two hosts
+    ({"HOROVOD_SIZE": "2", "HOROVOD_LOCAL_SIZE": "2", "HOROVOD_CONTROLLER": "gloo"}, 1, False),  # a GPU
+    ({"HOROVOD_SIZE": "2", "HOROVOD_LOCAL_SIZE": "2"}, 0, False),  # no Gloo controller named
+    ({"OMPI_COMM_WORLD_SIZE": "2"}, 0, False),                      # mpirun: nothing to read before init
+    ({"HOROVOD_SIZE": "two", "HOROVOD_LOCAL_SIZE": "2", "HOROVOD_CONTROLLER": "gloo"}, 0, False),
+])
+def test_auto_idle_before_init_reads_what_horovodrun_gives_each_rank(environ, num_gpus, idle):
+    assert tp.auto_idle_before_init(num_gpus=num_gpus, environ=environ) is idle
+
+
+def _fake_horovod(monkeypatch, environ: dict[str, str]):
+    """A HorovodBackend on a fake hvd (CPU only, 2 ranks on this host), started with this environment;
+    returns the HOROVOD_CYCLE_TIME its hvd.init() would read (None: unset)."""
+    import types
+
+    import tensorflow as tf
+
+    from disttrain.backends import horovod
+
+    seen = {}
+    fake = types.SimpleNamespace(
+        init=lambda: seen.update(cycle=os.environ.get("HOROVOD_CYCLE_TIME")), is_initialized=lambda: False,
+        rank=lambda: 0, local_rank=lambda: 0, size=lambda: 2, local_size=lambda: 2, gloo_enabled=lambda: 1,
+        Sum=0, Max=1, Min=2)
+    monkeypatch.setenv("HOROVOD_CYCLE_TIME", "unset")  # restored (deleted) when the test ends
+    monkeypatch.delenv("HOROVOD_CYCLE_TIME")
+    for name, value in {"HOROVOD_RANK": "0", **environ}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(horovod, "import_horovod", lambda: fake)
+    monkeypatch.setattr(horovod, "wait_for_horovod_peers", lambda timeout: None)
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    return horovod, seen
+
+
+GLOO_ONE_HOST = {"HOROVOD_SIZE": "2", "HOROVOD_LOCAL_SIZE": "2", "HOROVOD_CONTROLLER": "gloo"}
+
+
+def test_idle_threads_get_the_shorter_cycle_unless_one_was_set(monkeypatch):
+    horovod, seen = _fake_horovod(monkeypatch, GLOO_ONE_HOST)
+    backend = horovod.HorovodBackend()
+    assert backend.communication_priority == "idle" and seen["cycle"] == str(tp.IDLE_CYCLE_TIME_MS)
+    horovod.HorovodBackend(cycle_time_ms=2)
+    assert seen["cycle"] == "2.0"  # the argument wins
+    monkeypatch.setenv("HOROVOD_CYCLE_TIME", "3")  # as horovodrun --cycle-time-ms 3 sets it
+    horovod.HorovodBackend()
+    assert seen["cycle"] == "3"
+
+
+@pytest.mark.parametrize("environ,priority", [
+    (GLOO_ONE_HOST, "normal"),                                                          # asked for normal
+    ({"HOROVOD_SIZE": "4", "HOROVOD_LOCAL_SIZE": "2", "HOROVOD_CONTROLLER": "gloo"}, None),  # two hosts
+    ({}, None),                                                                           # mpirun
+])
+def test_threads_at_normal_priority_keep_horovods_cycle(monkeypatch, environ, priority):
+    horovod, seen = _fake_horovod(monkeypatch, environ)
+    horovod.HorovodBackend(communication_priority=priority)
+    assert seen["cycle"] is None

@@ -143,7 +143,8 @@ class HorovodBackend(Backend):
     Args:
       fusion_threshold_mb: Tensor fusion buffer in MiB (Horovod's default 128; 0 turns fusion off).
       cycle_time_ms: Milliseconds the background thread waits between fusion cycles (Horovod's
-        default 1; larger fuses more, smaller lowers latency).
+        default 1; larger fuses more, smaller lowers latency). Unset here and in
+        ``HOROVOD_CYCLE_TIME``, it is 0.5 where the threads will run idle (the choice below).
       startup_timeout: Seconds to wait for the other ranks (default DISTTRAIN_STARTUP_TIMEOUT or 300).
       communication_priority: ``idle`` runs Horovod's threads (its background thread and Gloo's) at
         Linux's ``SCHED_IDLE``, so they take a core only when compute leaves one free (see
@@ -166,6 +167,11 @@ class HorovodBackend(Backend):
         hvd = import_horovod()
         self._hvd = hvd
         priority = thread_priority.resolve(communication_priority)
+        gpus = tf.config.list_physical_devices("GPU")
+        if (cycle_time_ms is None and "HOROVOD_CYCLE_TIME" not in os.environ and not hvd.is_initialized()
+                and (priority == "idle" or priority == "auto" and
+                     thread_priority.auto_idle_before_init(num_gpus=len(gpus)))):
+            cycle_time_ms = thread_priority.IDLE_CYCLE_TIME_MS  # idle threads: a shorter cycle costs nothing
         env = horovod_env(fusion_threshold_mb=fusion_threshold_mb, cycle_time_ms=cycle_time_ms)
         if env and hvd.is_initialized():
             raise ValueError(f"Horovod is already initialised; {env} can only be set before hvd.init(): "
@@ -180,7 +186,6 @@ class HorovodBackend(Backend):
         self._hosts = wait_for_horovod_peers(timeout=_startup_timeout(startup_timeout))
         with thread_priority.started_threads() as started:
             hvd.init()
-        gpus = tf.config.list_physical_devices("GPU")
         if priority == "auto":
             # with a GPU the threads move device memory, not the compute's cores: normal, nothing to ask
             idle = not gpus and thread_priority.auto_idle(num_gpus=0, size=hvd.size(), local_size=hvd.local_size(),

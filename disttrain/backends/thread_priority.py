@@ -96,6 +96,27 @@ def resolve(priority: str | None, *, environ=None) -> str:
     return value
 
 
+#: Horovod's cycle time (ms) where its threads run idle and nobody set one (Horovod's default is 1 ms).
+#: An idle thread costs the compute nothing while it sleeps between cycles, and a shorter cycle answers a
+#: rank that waits for its reduction sooner: bench/p4_weak_scaling.py (2 Gloo ranks on 2 cores, idle
+#: threads, 6 interleaved launches each) ran at 1.041 (0.958-1.086) of the 1 ms cycle's throughput at
+#: 0.5 ms and 1.025 (0.934-1.091) at 0.2 ms.
+IDLE_CYCLE_TIME_MS = 0.5
+
+
+def auto_idle_before_init(*, num_gpus: int, environ=None) -> bool:
+    """:func:`auto_idle` read before ``hvd.init()`` from what horovodrun gives each rank
+    (``HOROVOD_SIZE``, ``HOROVOD_LOCAL_SIZE``, ``HOROVOD_CONTROLLER``); False where they are missing
+    (mpirun, or a process started by hand)."""
+    env = os.environ if environ is None else environ
+    try:
+        size, local_size = int(env["HOROVOD_SIZE"]), int(env["HOROVOD_LOCAL_SIZE"])
+    except (KeyError, ValueError):
+        return False
+    return auto_idle(num_gpus=num_gpus, size=size, local_size=local_size,
+                     gloo=env.get("HOROVOD_CONTROLLER", "").lower() == "gloo")
+
+
 def auto_idle(*, num_gpus: int, size: int, local_size: int, gloo: bool) -> bool:
     """``auto``'s choice: idle when this process computes on the CPU, every rank runs on this host (so
     every byte the threads move is CPU work on the cores the compute uses) and Horovod's controller is

@@ -30,6 +30,7 @@ types = {k: type(v).__name__ for k, v in result.items()}
 result["communication_priority"] = getattr(backend, "communication_priority", None)
 tids = [int(t) for t in os.listdir("/proc/self/task")]
 result["idle_threads"] = sum(os.sched_getscheduler(t) == os.SCHED_IDLE for t in tids if os.path.exists(f"/proc/self/task/{t}"))
+result["horovod_cycle_time"] = os.environ.get("HOROVOD_CYCLE_TIME")  # what hvd.init() read
 result["main_thread_idle"] = os.sched_getscheduler(0) == os.SCHED_IDLE
 result["types"] = types
 # barrier: every other rank writes its marker late; after the barrier rank 0 must see them all
