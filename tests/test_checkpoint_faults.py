@@ -118,7 +118,11 @@ def test_sigterm_to_the_launcher_stops_every_worker_with_a_checkpoint(tmp_path):
         # horovodrun 0.28.1 sometimes (1 in 12 here) loses its workers' status and exits 0 saying nothing;
         # the workers have saved all the same (docs/checkpoints.md), and `disttrain run` still gives 42
         lost = backend == "horovod-gloo" and "Exit code" not in output and "horovodrun exited 0)" in output
-        assert saved and (status in output or lost), (code, output)
+        # and horovodrun may say 143 for a worker that exited 42: once the worker is gone, its safe_shell_exec
+        # SIGSTOPs and SIGTERMs the `sh -c` it ran the worker in, and wins the race with the shell's own exit
+        # (12 of 45 launches here; the worker cannot die of SIGTERM itself: its handler stays until os._exit(42))
+        shell = backend == "horovod-gloo" and "Exit code: 143" in output and "horovodrun exited 1)" in output
+        assert saved and (status in output or lost or shell), (code, output)
         wrapper = re.search(WRAPPER_LINE, output)
         assert code == 42 and wrapper, (code, output[-3000:])
         assert wrapper.group(4) == ("0" if lost else "1"), output[-3000:]  # what the launcher itself said
