@@ -84,10 +84,15 @@ def test_auto_is_idle_only_for_gloo_cpu_ranks_all_on_one_host(num_gpus, size, lo
     assert tp.auto_idle(num_gpus=num_gpus, size=size, local_size=local_size, gloo=gloo) is idle
 
 
+#: What horovodrun --gloo gives each of 2 ranks on one host (and ``disttrain launch --backend horovod``).
+GLOO_ONE_HOST = {"HOROVOD_SIZE": "2", "HOROVOD_LOCAL_SIZE": "2", "HOROVOD_CONTROLLER": "gloo"}
+GLOO_TWO_HOSTS = {"HOROVOD_SIZE": "4", "HOROVOD_LOCAL_SIZE": "2", "HOROVOD_CONTROLLER": "gloo"}
+
+
 @pytest.mark.parametrize("environ,num_gpus,idle", [
-    ({"HOROVOD_SIZE": "2", "HOROVOD_LOCAL_SIZE": "2", "HOROVOD_CONTROLLER": "gloo"}, 0, True),  # horovodrun --gloo
-    ({"HOROVOD_SIZE": "4", "HOROVOD_LOCAL_SIZE": "2", "HOROVOD_CONTROLLER": "gloo"}, 0, False),  # two hosts
-    ({"HOROVOD_SIZE": "2", "HOROVOD_LOCAL_SIZE": "2", "HOROVOD_CONTROLLER": "gloo"}, 1, False),  # a GPU
+    (GLOO_ONE_HOST, 0, True),
+    (GLOO_TWO_HOSTS, 0, False),
+    (GLOO_ONE_HOST, 1, False),  # a GPU
     ({"HOROVOD_SIZE": "2", "HOROVOD_LOCAL_SIZE": "2"}, 0, False),  # no Gloo controller named
     ({"OMPI_COMM_WORLD_SIZE": "2"}, 0, False),                      # mpirun: nothing to read before init
     ({"HOROVOD_SIZE": "two", "HOROVOD_LOCAL_SIZE": "2", "HOROVOD_CONTROLLER": "gloo"}, 0, False),
@@ -97,8 +102,12 @@ def test_auto_idle_before_init_reads_what_horovodrun_gives_each_rank(environ, nu
 
 
 def _fake_horovod(monkeypatch, environ: dict[str, str]):
-    """A HorovodBackend on a fake hvd (CPU only, 2 ranks on this host), started with this environment;
-    returns the HOROVOD_CYCLE_TIME its hvd.init() would read (None: unset)."""
+    """Prepares a HorovodBackend on a fake hvd (CPU only, 2 ranks on this host) in this environment.
+
+    Returns:
+      ``(the horovod backend module, seen)``: after each ``HorovodBackend()``, ``seen["cycle"]`` is the
+      HOROVOD_CYCLE_TIME its ``hvd.init()`` read (None: unset).
+    """
     import types
 
     import tensorflow as tf
@@ -120,9 +129,6 @@ def _fake_horovod(monkeypatch, environ: dict[str, str]):
     return horovod, seen
 
 
-GLOO_ONE_HOST = {"HOROVOD_SIZE": "2", "HOROVOD_LOCAL_SIZE": "2", "HOROVOD_CONTROLLER": "gloo"}
-
-
 def test_idle_threads_get_the_shorter_cycle_unless_one_was_set(monkeypatch):
     horovod, seen = _fake_horovod(monkeypatch, GLOO_ONE_HOST)
     backend = horovod.HorovodBackend()
@@ -136,7 +142,7 @@ def test_idle_threads_get_the_shorter_cycle_unless_one_was_set(monkeypatch):
 
 @pytest.mark.parametrize("environ,priority", [
     (GLOO_ONE_HOST, "normal"),                                                          # asked for normal
-    ({"HOROVOD_SIZE": "4", "HOROVOD_LOCAL_SIZE": "2", "HOROVOD_CONTROLLER": "gloo"}, None),  # two hosts
+    (GLOO_TWO_HOSTS, None),
     ({}, None),                                                                           # mpirun
 ])
 def test_threads_at_normal_priority_keep_horovods_cycle(monkeypatch, environ, priority):
